@@ -1,0 +1,171 @@
+"""Transformer building blocks as Gluon ``HybridBlock``s.
+
+Every block in the encoder works on the *time-major* layout ``(seq_len, batch, units)``
+("TNC"): that is the layout MXNet's fused self-attention operators
+(``interleaved_matmul_selfatt_qk`` / ``_valatt``) read without copies. ``BERTEncoder``
+transposes once on the way in and once on the way out, so users of the model see the
+familiar ``(batch, seq_len, units)``.
+
+A padded batch is described by ``valid_length`` (shape ``(batch,)``): keys at
+positions ``>= valid_length[b]`` get zero attention weight. ``None`` means no padding.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import HybridBlock, nn
+
+
+def _normal(sigma: float) -> mx.init.Initializer:
+    return mx.init.Normal(sigma)
+
+
+class OptionalArgsBlock(HybridBlock):
+    """A ``HybridBlock`` whose optional inputs (``valid_length=None``) may switch between
+    ``None`` and an array after ``hybridize()``: the cached graph is rebuilt when they do,
+    instead of Gluon's "argument structure does not match" error."""
+
+    def __call__(self, *args):
+        pattern = tuple(a is None for a in args)
+        if getattr(self, "_none_pattern", pattern) != pattern:
+            self._clear_cached_op()
+        self._none_pattern = pattern
+        return super().__call__(*args)
+
+
+class PositionalEncoding(HybridBlock):
+    """Sinusoidal position encoding (Vaswani et al.), added to ``X`` then dropout.
+
+    Kept for the tutorial; real BERT checkpoints use learned position embeddings.
+    Works on batch-major input ``(batch, seq_len, units)``.
+    """
+
+    def __init__(self, units: int, dropout: float = 0.0, max_length: int = 512, **kwargs):
+        super().__init__(**kwargs)
+        pos = np.arange(max_length, dtype=np.float32)[:, None]
+        div = np.power(10000.0, np.arange(0, units, 2, dtype=np.float32) / units)
+        table = np.zeros((max_length, units), dtype=np.float32)
+        table[:, 0::2] = np.sin(pos / div)
+        table[:, 1::2] = np.cos(pos / div)
+        self.max_length, self.units = max_length, units
+        self.table = self.params.get_constant("table", table)
+        self.dropout = nn.Dropout(dropout)
+
+    def hybrid_forward(self, F, X, table):
+        steps = F.contrib.arange_like(X, axis=1)             # (seq_len,)
+        enc = F.Embedding(steps, table, self.max_length, self.units)
+        return self.dropout(F.broadcast_add(X, F.expand_dims(enc, axis=0)))
+
+
+class MultiHeadAttention(OptionalArgsBlock):
+    """Multi-head self-attention on ``(seq_len, batch, units)``.
+
+    Mathematically, per head ``h`` with ``d = units / num_heads``::
+
+        Q, K, V = X W_q + b_q, X W_k + b_k, X W_v + b_v      (split into heads)
+        A = softmax(Q K^T / sqrt(d))       (keys beyond valid_length masked out)
+        out = concat_h(dropout(A) V) W_o + b_o
+
+    The query/key/value weights are stored separately (so checkpoints map one to one)
+    and interleaved per head on the fly into one projection, which lets MXNet's fused
+    operators compute all heads' scores and contexts in single batched GEMMs.
+    """
+
+    def __init__(self, units: int, num_heads: int, dropout: float = 0.0,
+                 weight_initializer: Optional[mx.init.Initializer] = None, **kwargs):
+        super().__init__(**kwargs)
+        if units % num_heads:
+            raise ValueError(f"units ({units}) must be divisible by num_heads ({num_heads})")
+        self.units, self.num_heads = units, num_heads
+        init = weight_initializer or _normal(0.02)
+        with self.name_scope():
+            for name in ("query", "key", "value"):
+                setattr(self, f"{name}_weight",
+                        self.params.get(f"{name}_weight", shape=(units, units), init=init))
+                setattr(self, f"{name}_bias",
+                        self.params.get(f"{name}_bias", shape=(units,), init="zeros"))
+            self.proj = nn.Dense(units, flatten=False, in_units=units, weight_initializer=init,
+                                 prefix="proj_")
+            self.dropout = nn.Dropout(dropout)
+
+    def hybrid_forward(self, F, X, valid_length=None, *, query_weight, key_weight, value_weight,
+                       query_bias, key_bias, value_bias):
+        H = self.num_heads
+        # (H, 3*d, units): rows [q_h; k_h; v_h] for each head h, the layout the fused ops expect.
+        weight = F.concat(*[w.reshape((H, -1, 0), reverse=True) for w in (query_weight, key_weight,
+                                                            value_weight)], dim=1)
+        bias = F.concat(*[b.reshape((H, -1), reverse=True) for b in (query_bias, key_bias, value_bias)], dim=1)
+        qkv = F.FullyConnected(X, weight.reshape((-1, 0), reverse=True), bias.reshape((-1,)),
+                               num_hidden=3 * self.units, flatten=False)   # (T, B, 3*units)
+        scores = F.contrib.interleaved_matmul_selfatt_qk(qkv, heads=H)      # (B*H, T, T), scaled
+        if valid_length is None:
+            weights = F.softmax(scores, axis=-1)
+        else:
+            # softmax wants one key length per (batch*head, query) row: (B*H, T)
+            zeros = F.zeros_like(F.contrib.arange_like(X, axis=0)).reshape((1, -1))
+            length = F.broadcast_add(F.reshape(valid_length, (-1, 1)), zeros)       # (B, T)
+            length = F.broadcast_axis(F.expand_dims(length, axis=1), axis=1, size=H)
+            length = F.cast(F.reshape(length, (-3, 0)), "int32")
+            weights = F.softmax(scores, length=length, use_length=True, axis=-1)
+        context = F.contrib.interleaved_matmul_selfatt_valatt(qkv, self.dropout(weights), heads=H)
+        return self.proj(context)                                           # (T, B, units)
+
+
+class AddNorm(HybridBlock):
+    """Residual connection then LayerNorm: ``LayerNorm(X + dropout(Y))``."""
+
+    def __init__(self, units: int, dropout: float = 0.0, epsilon: float = 1e-12, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.dropout = nn.Dropout(dropout)
+            self.norm = nn.LayerNorm(epsilon=epsilon, in_channels=units)
+
+    def hybrid_forward(self, F, X, Y):
+        return self.norm(X + self.dropout(Y))
+
+
+class PositionWiseFFN(HybridBlock):
+    """Two dense layers applied at every position: ``Dense(units)(GELU(Dense(hidden)(X)))``.
+
+    GELU is the exact (erf) form used by BERT checkpoints.
+    """
+
+    def __init__(self, units: int, hidden_size: int,
+                 weight_initializer: Optional[mx.init.Initializer] = None, **kwargs):
+        super().__init__(**kwargs)
+        init = weight_initializer or _normal(0.02)
+        with self.name_scope():
+            self.dense1 = nn.Dense(hidden_size, flatten=False, in_units=units,
+                                   weight_initializer=init)
+            self.activation = nn.GELU()
+            self.dense2 = nn.Dense(units, flatten=False, in_units=hidden_size,
+                                   weight_initializer=init)
+
+    def hybrid_forward(self, F, X):
+        return self.dense2(self.activation(self.dense1(X)))
+
+
+class EncoderBlock(OptionalArgsBlock):
+    """One post-LayerNorm Transformer encoder layer, as in BERT::
+
+        Y = AddNorm(X, MultiHeadAttention(X))
+        Z = AddNorm(Y, PositionWiseFFN(Y))
+    """
+
+    def __init__(self, units: int, hidden_size: int, num_heads: int, dropout: float = 0.0,
+                 attention_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
+                 weight_initializer: Optional[mx.init.Initializer] = None, **kwargs):
+        super().__init__(**kwargs)
+        attention_dropout = dropout if attention_dropout is None else attention_dropout
+        with self.name_scope():
+            self.attention = MultiHeadAttention(units, num_heads, attention_dropout,
+                                                weight_initializer=weight_initializer)
+            self.addnorm1 = AddNorm(units, dropout, layer_norm_eps)
+            self.ffn = PositionWiseFFN(units, hidden_size, weight_initializer=weight_initializer)
+            self.addnorm2 = AddNorm(units, dropout, layer_norm_eps)
+
+    def hybrid_forward(self, F, X, valid_length=None):
+        Y = self.addnorm1(X, self.attention(X, valid_length))
+        return self.addnorm2(Y, self.ffn(Y))
