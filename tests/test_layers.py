@@ -1,0 +1,123 @@
+"""Transformer blocks: shapes, hybridize == imperative, masking, gradients, and a NumPy reference."""
+import math
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, nd
+
+from bert_gluon import AddNorm, EncoderBlock, MultiHeadAttention, PositionalEncoding, PositionWiseFFN
+from np_reference import erf_gelu, layer_norm, np_attention, np_encoder_block
+
+T, B, C, H, FFN = 7, 3, 16, 4, 32
+
+
+def _params(block):
+    return {k: v.data().asnumpy().astype(np.float64)
+            for k, v in block._collect_params_with_prefix().items()}
+
+
+def _init(block, ctx):
+    block.initialize(mx.init.Normal(0.5), ctx=ctx)
+    # non-trivial LayerNorm and bias values so the reference really checks them
+    for name, p in block.collect_params().items():
+        if name.endswith(("gamma", "beta", "bias")):
+            p.set_data(nd.random.normal(0.5 if name.endswith("gamma") else 0, 0.3,
+                                        shape=p.shape, ctx=ctx))
+    return block
+
+
+def _x(ctx, shape=(T, B, C), seed=0):
+    return nd.array(np.random.RandomState(seed).randn(*shape), ctx=ctx)
+
+
+def test_multi_head_attention_matches_numpy(ctx):
+    att = _init(MultiHeadAttention(C, H, dropout=0.0), ctx)
+    X = _x(ctx)
+    vl = nd.array([7, 3, 1], ctx=ctx)
+    p = _params(att)
+    for valid in (None, vl):
+        out = att(X, valid)
+        assert out.shape == (T, B, C)
+        ref = np_attention(X.asnumpy().astype(np.float64), p, "", H,
+                            None if valid is None else valid.asnumpy())
+        np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_block_matches_numpy(ctx):
+    blk = _init(EncoderBlock(C, FFN, H, dropout=0.1, layer_norm_eps=1e-12), ctx)
+    X = _x(ctx, seed=1)
+    vl = nd.array([5, 7, 2], ctx=ctx)
+    out = blk(X, vl)
+    ref = np_encoder_block(X.asnumpy().astype(np.float64), _params(blk), "", H, vl.asnumpy())
+    assert out.shape == (T, B, C)
+    np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_positional_encoding_values(ctx):
+    pe = PositionalEncoding(C, dropout=0.0, max_length=50)
+    pe.initialize(ctx=ctx)
+    X = nd.zeros((2, 9, C), ctx=ctx)
+    out = pe(X).asnumpy()
+    assert out.shape == (2, 9, C)
+    for pos in (0, 3, 8):
+        for i in (0, 2, 6):
+            angle = pos / 10000 ** (i / C)
+            assert out[1, pos, i] == pytest.approx(math.sin(angle), abs=1e-6)
+            assert out[1, pos, i + 1] == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_add_norm_and_ffn_shapes_and_values(ctx):
+    an = _init(AddNorm(C, dropout=0.5, epsilon=1e-12), ctx)
+    ffn = _init(PositionWiseFFN(C, FFN), ctx)
+    X, Y = _x(ctx, seed=2), _x(ctx, seed=3)
+    p = _params(an)
+    ref = layer_norm(X.asnumpy() + Y.asnumpy(), p["norm.gamma"], p["norm.beta"], 1e-12)
+    np.testing.assert_allclose(an(X, Y).asnumpy(), ref, rtol=1e-4, atol=1e-5)
+    assert ffn(X).shape == (T, B, C)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MultiHeadAttention(C, H, dropout=0.1),
+    lambda: EncoderBlock(C, FFN, H, dropout=0.1),
+])
+def test_hybridized_equals_imperative_and_padding_is_masked(ctx, make):
+    blk = _init(make(), ctx)
+    X = _x(ctx, seed=4)
+    vl = nd.array([4, 7, 2], ctx=ctx)
+    imperative = [blk(X, vl).asnumpy(), blk(X, None).asnumpy()]
+    blk.hybridize(static_alloc=True)
+    hybrid = [blk(X, vl).asnumpy(), blk(X, None).asnumpy(), blk(X, vl).asnumpy()]
+    np.testing.assert_allclose(hybrid[0], imperative[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hybrid[1], imperative[1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(hybrid[2], hybrid[0])  # switching None <-> array works
+    # appending garbage after the valid length changes nothing at valid positions
+    X2 = nd.concat(X, _x(ctx, (5, B, C), seed=9) * 10, dim=0)
+    out2 = blk(X2, vl).asnumpy()
+    for b, L in enumerate([4, 7, 2]):
+        np.testing.assert_allclose(out2[:L, b], hybrid[0][:L, b], rtol=1e-4, atol=1e-5)
+
+
+def test_block_gradients_reach_every_parameter(ctx):
+    blk = _init(EncoderBlock(C, FFN, H, dropout=0.1), ctx)
+    X = _x(ctx, seed=5)
+    with autograd.record():
+        loss = (blk(X, nd.array([7, 5, 3], ctx=ctx)) ** 2).sum()
+    loss.backward()
+    for name, p in blk.collect_params().items():
+        assert float(nd.norm(p.grad(ctx)).asscalar()) > 0, name
+
+
+def test_dropout_only_in_training(ctx):
+    blk = _init(EncoderBlock(C, FFN, H, dropout=0.3), ctx)
+    X = _x(ctx, seed=6)
+    a, b = blk(X).asnumpy(), blk(X).asnumpy()
+    np.testing.assert_array_equal(a, b)
+    with autograd.record(train_mode=True):
+        c = blk(X).asnumpy()
+    assert np.abs(c - a).max() > 1e-3
+
+
+def test_attention_rejects_bad_head_count():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(10, 3)

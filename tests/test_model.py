@@ -1,0 +1,237 @@
+"""BERT models: the seed's shapes, a NumPy reference, hybridization, masking, gradients, config."""
+import os
+import subprocess
+import sys
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, nd
+
+from bert_gluon import (BERTClassifier, BERTConfig, BERTEncoder, BERTForPretraining, BERTModel,
+                        MLMDecoder, NSClassifier, PRESETS, Pooler)
+from bert_gluon.runtime import physical_cores
+from np_reference import erf_gelu, layer_norm, np_bert_encoder
+
+CFG = BERTConfig(vocab_size=50, units=16, hidden_size=32, num_heads=4, num_layers=2,
+                 max_length=24, dropout=0.1)
+
+
+def _batch(ctx, B=3, T=9, seed=0, vocab=50):
+    rs = np.random.RandomState(seed)
+    words = nd.array(rs.randint(0, vocab, (B, T)), ctx=ctx)
+    segments = nd.array((np.arange(T)[None] >= rs.randint(1, T, (B, 1))).astype(np.float32),
+                        ctx=ctx)
+    return words, segments
+
+
+def _numpy_params(block):
+    return {k: v.data().asnumpy().astype(np.float64)
+            for k, v in block._collect_params_with_prefix().items()}
+
+
+def _init(block, ctx):
+    block.initialize(mx.init.Normal(0.3), ctx=ctx)
+    for name, p in block.collect_params().items():
+        if name.endswith(("gamma", "beta", "bias")):
+            p.set_data(nd.random.normal(0.8 if name.endswith("gamma") else 0, 0.2,
+                                        shape=p.shape, ctx=ctx))
+    return block
+
+
+# --- the seed notebook's numbers ------------------------------------------------------------
+def test_seed_shapes(ctx):
+    encoder = BERTEncoder(vocab_size=30000, units=768, hidden_size=3072, num_heads=12,
+                          num_layers=12, dropout=0.1)
+    encoder.initialize(ctx=ctx)
+    words = nd.random.randint(low=0, high=30000, shape=(2, 8), ctx=ctx)
+    segments = nd.array([[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 1]], ctx=ctx)
+    encodings = encoder(words, segments, None)
+    assert encodings.shape == (2, 8, 768)
+    decoder = MLMDecoder(vocab_size=30000, units=768)
+    decoder.initialize(ctx=ctx)
+    for P in (1, 2, 5):
+        positions = nd.array(np.random.RandomState(P).randint(0, 8, (2, P)), ctx=ctx)
+        assert decoder(encodings, positions).shape == (2, P, 30000)
+    ns = NSClassifier(vocab_size=30000, units=768)  # the seed's signature still works
+    ns.initialize(ctx=ctx)
+    assert ns(encodings).shape == (2, 2)
+
+
+# --- numbers against an independent reference -----------------------------------------------
+def test_encoder_matches_numpy_reference(ctx):
+    model = _init(BERTModel(CFG), ctx)
+    words, segments = _batch(ctx)
+    vl = nd.array([9, 4, 6], ctx=ctx)
+    seq, pooled = model(words, segments, vl)
+    p = _numpy_params(model)
+    ref = np_bert_encoder(words.asnumpy().astype(int), segments.asnumpy().astype(int), p,
+                          CFG.num_layers, CFG.num_heads, vl.asnumpy())
+    assert seq.shape == (3, 9, 16) and pooled.shape == (3, 16)
+    np.testing.assert_allclose(seq.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+    ref_pooled = np.tanh(ref[:, 0] @ p["pooler.dense.weight"].T + p["pooler.dense.bias"])
+    np.testing.assert_allclose(pooled.asnumpy(), ref_pooled, rtol=1e-4, atol=1e-4)
+
+
+def test_mlm_decoder_gathers_the_right_positions(ctx):
+    dec = _init(MLMDecoder(50, 16), ctx)
+    X = nd.array(np.random.RandomState(1).randn(2, 6, 16), ctx=ctx)
+    positions = nd.array([[0, 5, 2], [3, 3, 1]], ctx=ctx)
+    scores = dec(X, positions).asnumpy()
+    p = _numpy_params(dec)
+    x = X.asnumpy().astype(np.float64)
+    for b in range(2):
+        for j, pos in enumerate(positions.asnumpy()[b].astype(int)):
+            h = erf_gelu(x[b, pos] @ p["transform.weight"].T + p["transform.bias"])
+            h = layer_norm(h, p["norm.gamma"], p["norm.beta"], 1e-12)
+            np.testing.assert_allclose(scores[b, j], h @ p["output_weight"].T + p["output_bias"],
+                                       rtol=1e-4, atol=1e-4)
+
+
+def test_pretraining_model_ties_mlm_weight_to_word_embedding(ctx):
+    model = BERTForPretraining(CFG)
+    assert model.mlm.output_weight is model.encoder.word_embed.weight
+    untied = BERTForPretraining(CFG, tie_weights=False)
+    assert untied.mlm.output_weight is not untied.encoder.word_embed.weight
+    with pytest.raises(ValueError, match="tied_weight"):
+        MLMDecoder(51, 16, tied_weight=model.encoder.word_embed.weight)
+
+
+# --- every model: shapes, hybridize, masking, gradients, determinism ------------------------
+def _models():
+    return {
+        "model": (lambda: BERTModel(CFG), lambda out: [o for o in out]),
+        "pretraining": (lambda: BERTForPretraining(CFG), lambda out: [o for o in out]),
+        "classifier": (lambda: BERTClassifier(CFG, num_classes=3), lambda out: [out]),
+    }
+
+
+def _call(name, model, words, segments, vl, positions):
+    if name == "pretraining":
+        return model(words, segments, vl, positions)
+    return model(words, segments, vl)
+
+
+@pytest.mark.parametrize("name", ["model", "pretraining", "classifier"])
+def test_model_shapes_hybridize_and_masking(ctx, name):
+    make, outputs = _models()[name]
+    model = _init(make(), ctx)
+    words, segments = _batch(ctx, seed=3)
+    vl = nd.array([9, 5, 2], ctx=ctx)
+    positions = nd.array([[1, 8], [0, 4], [1, 1]], ctx=ctx)
+    imperative = [o.asnumpy() for o in outputs(_call(name, model, words, segments, vl, positions))]
+    expected = {"model": [(3, 9, 16), (3, 16)], "pretraining": [(3, 9, 16), (3, 2, 50), (3, 2)],
+                "classifier": [(3, 3)]}[name]
+    assert [o.shape for o in imperative] == expected
+    model.hybridize(static_alloc=True)
+    hybrid = [o.asnumpy() for o in outputs(_call(name, model, words, segments, vl, positions))]
+    for a, b in zip(hybrid, imperative):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # pad every sequence with 6 random tokens: outputs at valid positions do not move
+    rs = np.random.RandomState(7)
+    words2 = nd.concat(words, nd.array(rs.randint(0, 50, (3, 6)), ctx=ctx), dim=1)
+    segments2 = nd.concat(segments, nd.ones((3, 6), ctx=ctx), dim=1)
+    padded = [o.asnumpy() for o in outputs(_call(name, model, words2, segments2, vl, positions))]
+    if name == "classifier":
+        np.testing.assert_allclose(padded[0], hybrid[0], rtol=1e-4, atol=1e-5)
+    else:
+        for b, L in enumerate([9, 5, 2]):
+            np.testing.assert_allclose(padded[0][b, :L], hybrid[0][b, :L], rtol=1e-4, atol=1e-5)
+        for a, b in zip(padded[1:], hybrid[1:]):   # pooled / MLM / NSP outputs
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # inference is deterministic: dropout is off outside autograd.record(train_mode=True)
+    again = [o.asnumpy() for o in outputs(_call(name, model, words, segments, vl, positions))]
+    for a, b in zip(again, hybrid):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["model", "pretraining", "classifier"])
+def test_gradient_reaches_every_parameter(ctx, name):
+    make, outputs = _models()[name]
+    model = _init(make(), ctx)
+    model.hybridize()
+    words, segments = _batch(ctx, seed=4)
+    positions = nd.array([[1, 8], [0, 4], [2, 3]], ctx=ctx)
+    with autograd.record():
+        out = outputs(_call(name, model, words, segments, nd.array([9, 6, 4], ctx=ctx),
+                            positions))
+        loss = sum((o ** 2).sum() for o in out)
+    loss.backward()
+    for pname, p in model.collect_params().items():
+        assert float(nd.norm(p.grad(ctx)).asscalar()) > 0, f"no gradient reaches {pname}"
+
+
+def test_dropout_active_in_training(ctx):
+    model = _init(BERTClassifier(CFG, num_classes=2, dropout=0.5), ctx)
+    words, segments = _batch(ctx, seed=5)
+    infer = model(words, segments, None).asnumpy()
+    with autograd.record(train_mode=True):
+        train = model(words, segments, None).asnumpy()
+    assert np.abs(train - infer).max() > 1e-4
+
+
+def test_sinusoidal_position_option(ctx):
+    enc = BERTEncoder.from_config(CFG.replace(position="sinusoidal"))
+    enc.initialize(ctx=ctx)
+    assert "position_embed.weight" not in enc._collect_params_with_prefix()
+    words, segments = _batch(ctx)
+    assert enc(words, segments, None).shape == (3, 9, 16)
+
+
+def test_pooler_takes_first_token(ctx):
+    pool = _init(Pooler(16), ctx)
+    X = nd.array(np.random.RandomState(3).randn(2, 5, 16), ctx=ctx)
+    X2 = X.copy()
+    X2[:, 1:] = 0
+    np.testing.assert_array_equal(pool(X).asnumpy(), pool(X2).asnumpy())
+
+
+# --- config ----------------------------------------------------------------------------------
+def test_presets():
+    assert (PRESETS["bert_base"].num_layers, PRESETS["bert_base"].units,
+            PRESETS["bert_base"].num_heads, PRESETS["bert_base"].hidden_size) == (12, 768, 12, 3072)
+    assert (PRESETS["bert_large"].num_layers, PRESETS["bert_large"].units,
+            PRESETS["bert_large"].num_heads, PRESETS["bert_large"].hidden_size) == (24, 1024, 16, 4096)
+    mini = BERTConfig.preset("minilm_l6")
+    assert (mini.num_layers, mini.units, mini.num_heads, mini.hidden_size, mini.head_size) == \
+        (6, 384, 12, 1536, 32)
+    assert mini.layer_norm_eps == 1e-12 and mini.vocab_size == 30522 and mini.max_length == 512
+    assert BERTConfig.preset("tiny", num_layers=3).num_layers == 3
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    path = str(tmp_path / "config.json")
+    CFG.to_json(path)
+    assert BERTConfig.from_json(path) == CFG
+    with pytest.raises(ValueError, match="divisible"):
+        BERTConfig(units=10, num_heads=3)
+    with pytest.raises(ValueError, match="num_layers"):
+        BERTConfig(num_layers=0)
+    with pytest.raises(ValueError, match="unknown preset"):
+        BERTConfig.preset("bert_huge")
+    with pytest.raises(ValueError, match="unknown BERTConfig fields"):
+        BERTConfig.from_dict({"units": 8, "hiden_size": 3})
+
+
+# --- runtime ---------------------------------------------------------------------------------
+def _omp_in_subprocess(env_value):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if env_value is not None:
+        env["OMP_NUM_THREADS"] = env_value
+    code = "import os, bert_gluon, mxnet; print(os.environ['OMP_NUM_THREADS'])"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_threads_default_to_physical_cores_but_respect_the_user():
+    assert _omp_in_subprocess(None) == str(physical_cores())
+    assert _omp_in_subprocess("1") == "1"
+    assert physical_cores() >= 1
+
+
+def test_demo_command_prints_seed_shapes(capsys):
+    from bert_gluon.cli import main
+
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "(2, 8, 768)" in out and "(2, 2, 30000)" in out and "(2, 2)" in out
