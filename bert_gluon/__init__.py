@@ -15,3 +15,4 @@ from .model import (BERTClassifier, BERTEncoder, BERTForPretraining, BERTModel, 
 from .runtime import default_context, seed_everything  # noqa: E402
 
 __version__ = "0.1.0"
+from .checkpoints import from_pretrained, save_pretrained  # noqa: E402
