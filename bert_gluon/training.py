@@ -58,14 +58,16 @@ def trainable_params(model: gluon.Block) -> List[gluon.Parameter]:
 
 
 def create_trainer(model: gluon.Block, optimizer: str = "bertadam", learning_rate: float = 5e-5,
-                   weight_decay: float = 0.01, epsilon: float = 1e-6,
+                   weight_decay: float = 0.01, epsilon: float = 1e-6, kvstore: Any = "device",
                    **optimizer_params: Any) -> gluon.Trainer:
     """A ``gluon.Trainer`` over ``model``'s parameters, BERT style.
 
     Weight decay ``weight_decay`` applies to weight matrices and embeddings only; biases and
     LayerNorm ``gamma``/``beta`` get ``wd_mult = 0``. ``optimizer`` is one of ``OPTIMIZERS``.
     The trainer uses ``update_on_kvstore=False`` so gradients can be clipped between
-    ``allreduce_grads()`` and ``update()`` (see :func:`optimizer_step`).
+    ``allreduce_grads()`` and ``update()`` (see :func:`optimizer_step`). ``kvstore`` is
+    passed to the ``Trainer``: ``"device"`` (several GPUs) or a ``mx.kv.create("dist_sync")``
+    store for several machines (gradients are then *summed* over workers).
     """
     key = optimizer.lower()
     if key not in OPTIMIZERS:
@@ -81,7 +83,8 @@ def create_trainer(model: gluon.Block, optimizer: str = "bertadam", learning_rat
     opt_params = {"learning_rate": learning_rate, "wd": weight_decay, "epsilon": epsilon}
     opt_params.update(optimizer_params)
     trainable = {n: p for n, p in params.items() if p.grad_req != "null"}
-    return gluon.Trainer(trainable, OPTIMIZERS[key], opt_params, update_on_kvstore=False)
+    return gluon.Trainer(trainable, OPTIMIZERS[key], opt_params, kvstore=kvstore,
+                         update_on_kvstore=False)
 
 
 class WarmupLinearSchedule:
