@@ -33,7 +33,7 @@ from .tokenization import Tokenizer
 
 __all__ = ["CheckpointError", "NAME_TABLE", "from_pretrained", "save_pretrained",
            "save_gluonnlp", "save_huggingface", "export_symbol", "read_safetensors",
-           "write_safetensors", "minilm_dir", "zoo_model_names", "MODEL_CLASSES"]
+           "write_safetensors", "minilm_dir", "from_gluonnlp", "zoo_model_names", "MODEL_CLASSES"]
 
 logger = logging.getLogger(__name__)
 
@@ -508,6 +508,30 @@ def load_zoo(model_name: str, dataset_name: str = "book_corpus_wiki_en_uncased",
     return _Loaded(config, tokenizer, state, source, params_path, vocab_path, params_path)
 
 
+def from_gluonnlp(net, vocab, task: str = "model", num_classes: Optional[int] = None,
+                  ctx=None, lower: bool = True) -> Tuple[Any, Tokenizer]:
+    """Convert a live ``gluonnlp.model.BERTModel`` (e.g. the mission notebook's
+    ``nlp.model.get_model('bert_12_768_12', ...)``) and its vocabulary into our model."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    enc = net.encoder
+    cell = enc.transformer_cells[0]
+    config = BERTConfig(vocab_size=len(vocab), units=net._units,
+                        hidden_size=cell.ffn.ffn_1.weight.shape[0],
+                        num_heads=cell.attention_cell._num_heads,
+                        num_layers=len(enc.transformer_cells), max_length=enc._max_length,
+                        type_vocab_size=net.token_type_embed[0].weight.shape[0],
+                        dropout=enc._dropout, attention_dropout=enc._dropout,
+                        layer_norm_eps=enc._layer_norm_eps)
+    where = f"<{type(net).__module__}.{type(net).__name__} {net.name}>"
+    tensors = {n: p.data().asnumpy() for n, p in net._collect_params_with_prefix().items()}
+    state, source = _rename(tensors, name_map("gluonnlp", config.num_layers), where,
+                            config.num_layers)
+    _drop_tied(state)
+    src = _Loaded(config, Tokenizer(vocab, lower=lower), state, source, where, where, where)
+    return _build(src, task, num_classes, ctx, fresh_head=False), src.tokenizer
+
+
 def _resolve(name_or_path: str, dataset_name: Optional[str], root: Optional[str]) -> _Loaded:
     if name_or_path in MINILM_NAMES:
         return load_hf_folder(minilm_dir())
@@ -603,11 +627,15 @@ def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head:
         if tuple(arr.shape) != tuple(params[name].shape):
             raise CheckpointError(f"{where}: tensor {named(name)} has shape {tuple(arr.shape)}, "
                                   f"expected {tuple(params[name].shape)} for {config}")
-    # only now touch the model
+    # only now touch the model: loaded tensors are copied in, the rest (fresh heads) drawn
+    # from their initialisers (no random draws for parameters that get overwritten anyway)
     ctx = ctx or mx.cpu()
-    model.initialize(ctx=ctx)
-    for name, arr in state.items():
-        params[name].set_data(mx.nd.array(arr, dtype=np.float32))
+    for name, param in params.items():
+        if name in state:
+            param.initialize(init=mx.init.Zero(), ctx=ctx)
+            param.set_data(mx.nd.array(state[name], dtype=np.float32, ctx=ctx))
+        else:
+            param.initialize(default_init=mx.init.Uniform(), ctx=ctx)
     return model
 
 
