@@ -6,6 +6,8 @@ Each sub-command parses its arguments and calls one library function; all the wo
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import List, Optional
 
@@ -30,7 +32,96 @@ def _add_weights_commands(sub) -> None:
 
 # --- fine-tuning: finetune, evaluate, predict (owner: finetuning) -----------------------
 def _add_finetuning_commands(sub) -> None:
-    pass
+    from .finetuning import DEFAULT_MODEL, FinetuneArgs
+
+    d = FinetuneArgs()
+    p = sub.add_parser("finetune", help="fine-tune a pretrained BERT on a task or TSV/CSV files")
+    p.add_argument("--task", default=None,
+                   help="built-in task: mrpc or sst-2 (default: mrpc unless --train-file)")
+    p.add_argument("--data-dir", help="folder with the task's train/dev/test.tsv "
+                                      "(default: $MRPC_DIR / $SST2_DIR, ../shared/data, cache)")
+    p.add_argument("--train-file", help="a TSV/CSV training file (instead of a task's)")
+    p.add_argument("--dev-file", help="a TSV/CSV development file")
+    p.add_argument("--text-columns", nargs="+", metavar="COL",
+                   help="one or two text columns (header names or 0-based indices)")
+    p.add_argument("--label-column", help="label column (header name or 0-based index)")
+    p.add_argument("--class-labels", nargs="+", metavar="LABEL", help="the label values")
+    p.add_argument("--regression", action="store_true", help="float labels, one output")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or checkpoint folder")
+    p.add_argument("--output-dir", default=None, help="run folder (default: runs/<task>)")
+    for name, typ in (("epochs", int), ("batch_size", int), ("max_len", int), ("lr", float),
+                      ("warmup_ratio", float), ("weight_decay", float), ("max_grad_norm", float),
+                      ("accumulate", int), ("seed", int), ("num_buckets", int),
+                      ("log_interval", int), ("early_stopping", int),
+                      ("max_train_examples", int), ("max_dev_examples", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
+                       help=f"(default: {getattr(d, name)})")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["bertadam", "adamw", "lamb", "adam"])
+    p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows")
+    p.add_argument("--no-amp", action="store_true", help="no fp16 on GPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="accuracy and F1 of a fine-tuned checkpoint")
+    p.add_argument("checkpoint", help="folder written by finetune (e.g. runs/mrpc/best)")
+    p.add_argument("--task", help="task (default: the checkpoint's)")
+    p.add_argument("--split", default="dev", choices=["train", "dev"])
+    p.add_argument("--file", help="a labelled TSV/CSV file instead of a task split")
+    p.add_argument("--data-dir")
+    p.add_argument("--predictions", help="write label/probability per example to this TSV")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--skip-bad", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="label and probability for sentences or a file")
+    p.add_argument("checkpoint", help="folder written by finetune (e.g. runs/mrpc/best)")
+    p.add_argument("sentences", nargs="*", help="one sentence, or a pair for pair tasks")
+    p.add_argument("--file", help="TSV/CSV file of inputs (the checkpoint's text columns)")
+    p.add_argument("--text-columns", nargs="+", metavar="COL")
+    p.add_argument("--output", help="write predictions to this TSV")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetuning import FinetuneArgs, finetune
+
+    task = args.task or (None if args.train_file else "mrpc")
+    fields = {k: v for k, v in vars(args).items() if k in FinetuneArgs.__dataclass_fields__}
+    fields.update(task=task, amp=not args.no_amp, progress=not args.no_progress,
+                  output_dir=args.output_dir or os.path.join("runs", task or "custom"))
+    summary = finetune(FinetuneArgs(**fields))
+    dev = summary["dev"] or {}
+    print(f"best epoch {summary['best_epoch']}: dev "
+          + ", ".join(f"{k}={v:.4f}" for k, v in dev.items() if k != "n")
+          + f"; training {summary['train_time']:.0f}s; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .finetuning import evaluate
+
+    metrics = evaluate(args.checkpoint, task=args.task, split=args.split, file=args.file,
+                       data_dir=args.data_dir, predictions=args.predictions,
+                       batch_size=args.batch_size, skip_bad=args.skip_bad)
+    print(json.dumps(metrics, sort_keys=True))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .finetuning import predict, predict_file
+
+    if args.file:
+        rows = predict_file(args.checkpoint, args.file, args.output, args.text_columns)
+    elif args.sentences:
+        rows = predict(args.checkpoint, [tuple(args.sentences)])
+    else:
+        print("predict: give sentences or --file", file=sys.stderr)
+        return 2
+    for r in rows:
+        prob = "" if r["probability"] is None else f"\t{r['probability']:.4f}"
+        print(f"{r['label']}{prob}")
+    return 0
 
 
 # --- pre-training: create-pretraining-data, pretrain (owner: pretraining) --------------

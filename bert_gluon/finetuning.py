@@ -297,10 +297,11 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
                             epoch=epoch + 1, dev_metrics=metrics)
         else:
             state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
+        state["epoch"], state["last"] = epoch + 1, metrics
         save_training_state(last_dir, trainer, model, **state)
 
     summary = {"best_epoch": state["best_epoch"], "dev": state["best"],
+               "last_dev": state.get("last"),
                "train_time": state["train_time"], "epochs_run": state["epoch"],
                "checkpoint": best_dir}
     logger.log(event="done", **summary)
