@@ -300,10 +300,12 @@ class _Loaded:
 
     def __init__(self, config: BERTConfig, tokenizer: Tokenizer, state: Dict[str, np.ndarray],
                  source: Dict[str, str], weights_path: str, vocab_path: str,
-                 config_path: str, meta: Optional[Dict[str, Any]] = None):
+                 config_path: str, meta: Optional[Dict[str, Any]] = None,
+                 naming: Optional[Dict[str, str]] = None):
         self.config, self.tokenizer, self.state, self.source = config, tokenizer, state, source
         self.weights_path, self.vocab_path, self.config_path = weights_path, vocab_path, config_path
         self.meta = meta or {}
+        self.naming = naming or {}      # our name → the source's naming, for error messages
 
 
 def minilm_dir() -> str:
@@ -399,10 +401,11 @@ def load_hf_folder(directory: str) -> _Loaded:
     else:
         raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
     tensors = _normalise_hf_names(tensors)
-    state, source = _rename(tensors, name_map("hf", config.num_layers), weights_path,
-                            config.num_layers)
+    table = name_map("hf", config.num_layers)
+    state, source = _rename(tensors, table, weights_path, config.num_layers)
     _drop_tied(state)
-    return _Loaded(config, tokenizer, state, source, weights_path, vocab_path, config_path)
+    return _Loaded(config, tokenizer, state, source, weights_path, vocab_path, config_path,
+                   naming=table)
 
 
 def load_our_folder(directory: str) -> _Loaded:
@@ -502,10 +505,11 @@ def load_zoo(model_name: str, dataset_name: str = "book_corpus_wiki_en_uncased",
                         attention_dropout=hp["dropout"],
                         layer_norm_eps=hp.get("layer_norm_eps", 1e-12))
     tensors = read_mxnet_params(params_path)
-    state, source = _rename(tensors, name_map("gluonnlp", config.num_layers), params_path,
-                            config.num_layers)
+    table = name_map("gluonnlp", config.num_layers)
+    state, source = _rename(tensors, table, params_path, config.num_layers)
     _drop_tied(state)
-    return _Loaded(config, tokenizer, state, source, params_path, vocab_path, params_path)
+    return _Loaded(config, tokenizer, state, source, params_path, vocab_path, params_path,
+                   naming=table)
 
 
 def from_gluonnlp(net, vocab, task: str = "model", num_classes: Optional[int] = None,
@@ -525,10 +529,11 @@ def from_gluonnlp(net, vocab, task: str = "model", num_classes: Optional[int] = 
                         layer_norm_eps=enc._layer_norm_eps)
     where = f"<{type(net).__module__}.{type(net).__name__} {net.name}>"
     tensors = {n: p.data().asnumpy() for n, p in net._collect_params_with_prefix().items()}
-    state, source = _rename(tensors, name_map("gluonnlp", config.num_layers), where,
-                            config.num_layers)
+    table = name_map("gluonnlp", config.num_layers)
+    state, source = _rename(tensors, table, where, config.num_layers)
     _drop_tied(state)
-    src = _Loaded(config, Tokenizer(vocab, lower=lower), state, source, where, where, where)
+    src = _Loaded(config, Tokenizer(vocab, lower=lower), state, source, where, where, where,
+                  naming=table)
     return _build(src, task, num_classes, ctx, fresh_head=False), src.tokenizer
 
 
@@ -579,7 +584,9 @@ def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head:
     config, state, where = src.config, dict(src.state), src.weights_path
 
     def named(name: str) -> str:
-        return repr(src.source.get(name, name))
+        """The tensor's name as the source spells it (and ours when that differs)."""
+        theirs = src.source.get(name) or src.naming.get(name, name)
+        return repr(theirs) + (f" (ours: {name})" if theirs != name else "")
 
     # vocabulary: config, vocab file and embedding rows must agree
     if config.vocab_size != len(src.tokenizer):
@@ -618,7 +625,7 @@ def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head:
         if not missing:
             continue
         if group == "encoder" or len(missing) < len(expected):
-            raise CheckpointError(f"{where}: missing tensor {missing[0]!r}"
+            raise CheckpointError(f"{where}: missing tensor {named(missing[0])}"
                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         logger.warning("%s has no %s head; it is freshly initialised (train it before use)",
                        where, group)
@@ -626,7 +633,7 @@ def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head:
     for name, arr in state.items():
         if tuple(arr.shape) != tuple(params[name].shape):
             raise CheckpointError(f"{where}: tensor {named(name)} has shape {tuple(arr.shape)}, "
-                                  f"expected {tuple(params[name].shape)} for {config}")
+                                  f"expected {tuple(params[name].shape)}")
     # only now touch the model: loaded tensors are copied in, the rest (fresh heads) drawn
     # from their initialisers (no random draws for parameters that get overwritten anyway)
     ctx = ctx or mx.cpu()
