@@ -33,7 +33,7 @@ from .tokenization import Tokenizer
 
 __all__ = ["CheckpointError", "NAME_TABLE", "from_pretrained", "save_pretrained",
            "save_gluonnlp", "save_huggingface", "export_symbol", "read_safetensors",
-           "write_safetensors", "minilm_dir", "from_gluonnlp", "zoo_model_names", "MODEL_CLASSES"]
+           "write_safetensors", "minilm_dir", "from_gluonnlp", "convert", "zoo_model_names", "MODEL_CLASSES"]
 
 logger = logging.getLogger(__name__)
 
@@ -777,3 +777,37 @@ def export_symbol(model, path_prefix: str, seq_len: int = 128, batch_size: int =
     os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
     model.export(path_prefix)
     return path_prefix + "-symbol.json", path_prefix + "-0000.params"
+
+
+FORMATS = ("ours", "huggingface", "gluonnlp", "symbol")
+
+
+def convert(source: str, output_dir: str, to: str = "ours", task: str = "model",
+            seq_len: int = 128, **load_kwargs: Any) -> List[str]:
+    """Load ``source`` (anything :func:`from_pretrained` takes) and write it to ``output_dir``:
+
+    - ``"ours"``: :func:`save_pretrained` (config.json, model.params, vocab.txt);
+    - ``"huggingface"``: :func:`save_huggingface` (config.json, model.safetensors, vocab.txt);
+    - ``"gluonnlp"``: ``gluonnlp.params`` (:func:`save_gluonnlp`) + ``vocab.json`` (BERTVocab);
+    - ``"symbol"``: ``model-symbol.json`` + ``model-0000.params`` (:func:`export_symbol`)
+      + ``vocab.txt``, for deployment without this package.
+
+    Returns the paths written.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"to must be one of {FORMATS}, got {to!r}")
+    model, tokenizer = from_pretrained(source, task=task, **load_kwargs)
+    if to == "ours":
+        save_pretrained(model, tokenizer, output_dir, source=str(source))
+    elif to == "huggingface":
+        save_huggingface(model, tokenizer, output_dir)
+    elif to == "gluonnlp":
+        os.makedirs(output_dir, exist_ok=True)
+        save_gluonnlp(model, os.path.join(output_dir, "gluonnlp.params"))
+        with atomic_path(os.path.join(output_dir, "vocab.json")) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(tokenizer.vocab.to_json())
+    else:
+        export_symbol(model, os.path.join(output_dir, "model"), seq_len=seq_len)
+        tokenizer.save(output_dir)
+    return sorted(os.path.join(output_dir, n) for n in os.listdir(output_dir))

@@ -27,7 +27,38 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # --- pretrained weights (owner: checkpoints) --------------------------------------------
 def _add_weights_commands(sub) -> None:
-    pass
+    for name, formats, help_ in (
+            ("convert", ("ours", "huggingface", "gluonnlp"),
+             "turn a model-zoo name, HF folder, 'minilm' or our folder into a checkpoint folder"),
+            ("export", ("symbol",), "HybridBlock.export a model for deployment "
+                                    "(model-symbol.json + model-0000.params + vocab.txt)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("source", help="bert_12_768_12 / bert_24_1024_16, all-MiniLM-L6-v2 "
+                                      "(minilm), a Hugging Face folder or one of ours")
+        p.add_argument("output_dir")
+        if len(formats) > 1:
+            p.add_argument("--to", default=formats[0], choices=formats,
+                           help="output format (default: %(default)s)")
+        p.add_argument("--task", default="model", choices=["model", "pretraining", "classifier"])
+        p.add_argument("--num-classes", type=int, default=None,
+                       help="classifier classes (default: the checkpoint's head, else 2)")
+        p.add_argument("--dataset-name", default=None,
+                       help="GluonNLP vocabulary/corpus, e.g. book_corpus_wiki_en_uncased")
+        p.add_argument("--root", default=None, help="MXNet model cache (default $MXNET_HOME/models)")
+        if name == "export":
+            p.add_argument("--seq-len", type=int, default=128, help="traced sequence length")
+        p.set_defaults(func=_cmd_convert, to=formats[0])
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoints import convert
+
+    kwargs = {k: v for k, v in (("dataset_name", args.dataset_name), ("root", args.root),
+                                ("num_classes", args.num_classes)) if v is not None}
+    paths = convert(args.source, args.output_dir, to=args.to, task=args.task,
+                    seq_len=getattr(args, "seq_len", 128), **kwargs)
+    print("\n".join(paths))
+    return 0
 
 
 # --- fine-tuning: finetune, evaluate, predict (owner: finetuning) -----------------------
