@@ -18,6 +18,7 @@ import io
 import os
 import shutil
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -517,9 +518,11 @@ def make_dataloader(samples: Sequence[tuple], batch_size: int, pad_id: int, shuf
     a fixed order; use :func:`sampler_order` to map outputs back to sample indices.
     """
     lengths = [int(s[1]) for s in samples]
-    sampler = nlp.data.FixedBucketSampler(lengths, batch_size=batch_size,
-                                          num_buckets=min(num_buckets, max(1, len(samples))),
-                                          shuffle=shuffle)
+    with warnings.catch_warnings():   # "some buckets are empty": harmless on small sets
+        warnings.filterwarnings("ignore", message="Some buckets are empty")
+        sampler = nlp.data.FixedBucketSampler(lengths, batch_size=batch_size,
+                                              num_buckets=min(num_buckets, max(1, len(samples))),
+                                              shuffle=shuffle)
     return mx.gluon.data.DataLoader(samples, batch_sampler=sampler,
                                     batchify_fn=batchify_fn(pad_id, has_label, regression),
                                     num_workers=num_workers)
