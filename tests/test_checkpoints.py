@@ -116,3 +116,39 @@ def test_dropout_override_and_bad_arguments(tmp_path):
         bg.from_pretrained(out, task="tagger")
     with pytest.raises(CheckpointError, match="neither a folder nor a known model name"):
         bg.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_safetensors_reader_and_writer_agree_with_the_safetensors_package(tmp_path):
+    st = pytest.importorskip("safetensors.numpy", reason="reference: the safetensors package")
+    from bert_gluon.checkpoints import read_safetensors, write_safetensors
+
+    rng = np.random.RandomState(0)
+    tensors = {"a.weight": rng.randn(3, 5).astype(np.float32),
+               "b.position_ids": np.arange(7, dtype=np.int64)[None],
+               "c.half": rng.randn(4).astype(np.float16), "d.scalar": np.array(2.5, dtype=np.float32)}
+    st.save_file(tensors, str(tmp_path / "ref.safetensors"))
+    mine = read_safetensors(str(tmp_path / "ref.safetensors"))
+    assert sorted(mine) == sorted(tensors)
+    for name, arr in tensors.items():
+        np.testing.assert_array_equal(mine[name], arr.astype(np.float32)
+                                      if arr.dtype.kind == "f" else arr)
+    assert mine["b.position_ids"].dtype == np.int64 and mine["c.half"].dtype == np.float32
+    write_safetensors(str(tmp_path / "mine.safetensors"), tensors)
+    back = st.load_file(str(tmp_path / "mine.safetensors"))
+    for name, arr in tensors.items():
+        assert back[name].dtype == arr.dtype
+        np.testing.assert_array_equal(back[name], arr)
+
+
+def test_safetensors_bf16_is_widened(tmp_path):
+    torch = pytest.importorskip("torch", reason="bf16 reference tensors are written with torch")
+    pytest.importorskip("safetensors.torch", reason="reference: the safetensors package")
+    from safetensors.torch import save_file
+
+    from bert_gluon.checkpoints import read_safetensors
+
+    x = torch.tensor([[1.0, -2.5, 3.140625], [1e-3, 65280.0, -0.0078125]], dtype=torch.bfloat16)
+    save_file({"w": x}, str(tmp_path / "bf16.safetensors"))
+    got = read_safetensors(str(tmp_path / "bf16.safetensors"))["w"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, x.float().numpy())
