@@ -40,7 +40,7 @@ from .fileio import atomic_path, write_json
 
 __all__ = ["CorpusStats", "split_sentences", "read_wikitext", "read_sentence_per_line",
            "read_gutenberg", "read_corpus", "tokenize_documents", "create_pair_instances",
-           "mask_instance", "MaskingConfig", "pack_instances", "mask_packed",
+           "mask_instance", "MaskingConfig", "pack_instances", "mask_packed", "unmask",
            "create_pretraining_data", "load_shards", "PretrainingData", "iterate_batches"]
 
 Document = List[str]              # a document: its sentences, as text
@@ -552,6 +552,15 @@ def mask_packed(packed: Dict[str, np.ndarray], cfg: MaskingConfig,
     return out
 
 
+def unmask(masked: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Undo :func:`mask_packed`: the original tokens, without the masked-LM columns."""
+    ids = masked["input_ids"].copy()
+    rows, slots = np.nonzero(masked["masked_weights"] > 0)
+    ids[rows, masked["masked_positions"][rows, slots]] = masked["masked_ids"][rows, slots]
+    keep = ("segment_ids", "valid_length", "nsp_label")
+    return dict({k: masked[k] for k in keep}, input_ids=ids)
+
+
 # --- static mode: shards written by worker processes ------------------------------------
 _DOCS: Sequence[IdDocument] = ()
 
@@ -712,6 +721,24 @@ class PretrainingData:
         cfg = MaskingConfig.from_tokenizer(tokenizer, **masking_kwargs)
         return cls(pack_instances(instances, max_seq_length, tokenizer.pad_id), cfg, dynamic, seed)
 
+    @classmethod
+    def from_shards(cls, directory: str, tokenizer, dynamic: bool = False,
+                    seed: int = 0) -> "PretrainingData":
+        """A folder written by :func:`create_pretraining_data`. With ``dynamic`` the stored
+        masks are undone and every epoch is masked afresh with the folder's settings."""
+        arrays, meta = load_shards(directory)
+        if meta["vocab_size"] != len(tokenizer):
+            raise ValueError(f"{directory}: data was made with a {meta['vocab_size']}-token "
+                             f"vocabulary, the tokenizer has {len(tokenizer)}")
+        cfg = MaskingConfig.from_tokenizer(tokenizer, masked_lm_prob=meta["masked_lm_prob"],
+                                           max_predictions_per_seq=meta["max_predictions_per_seq"],
+                                           whole_word=meta["whole_word_masking"])
+        if dynamic:
+            arrays = unmask(arrays)
+        data = cls(arrays, cfg, dynamic, seed)
+        data.meta = meta
+        return data
+
     def epoch_arrays(self, epoch: int) -> Dict[str, np.ndarray]:
         if not self.dynamic:
             return self.arrays
@@ -724,17 +751,19 @@ BATCH_KEYS = ("input_ids", "segment_ids", "valid_length", "masked_positions", "m
 
 def iterate_batches(arrays: Dict[str, np.ndarray], batch_size: int, seed: int = 0, epoch: int = 0,
                     start_batch: int = 0, shuffle: bool = True, part_index: int = 0,
-                    num_parts: int = 1) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
+                    num_parts: int = 1, drop_last: bool = True
+                    ) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
     """``(batch_index, batch)`` for one epoch, in an order fixed by ``(seed, epoch)``.
 
     ``start_batch`` skips batches already consumed (the data position saved in a
     checkpoint). ``part_index``/``num_parts`` give each distributed worker its own disjoint
-    slice of the data. The last incomplete batch is dropped.
+    slice of the data. The last incomplete batch is dropped unless ``drop_last=False``.
     """
     n = len(arrays["valid_length"])
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     order = order[part_index::num_parts][:n // num_parts]   # equal share for every worker
-    for b in range(start_batch, len(order) // batch_size):
+    count = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
+    for b in range(start_batch, count):
         sel = order[b * batch_size:(b + 1) * batch_size]
         yield b, {k: arrays[k][sel] for k in BATCH_KEYS}
 

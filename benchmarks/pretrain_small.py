@@ -1,0 +1,149 @@
+"""Acceptance run: pre-train ``BERTConfig.preset("small")`` from scratch on the Gutenberg books
+minus three held out, within a wall-time budget, then evaluate on the held-out books.
+
+    nice -n 5 nohup .venv/bin/python benchmarks/pretrain_small.py --minutes 25 \\
+        > runs/pretrain_small.out 2>&1 &
+
+Steps (all through the library: ``bert_gluon.pretraining_data`` / ``bert_gluon.pretraining``):
+
+1. static pre-training data for the training books and for the held-out books
+   (``create_pretraining_data``, 2 worker processes; cached under ``runs/pretrain_small/``);
+2. a 3-step probe on a throw-away model measures seconds per step, from which
+   ``total_steps`` is chosen so the warm-up/linear-decay schedule ends inside the budget;
+3. ``pretrain`` with ``max_seconds`` = the budget (checkpoints every 200 steps, metrics log
+   ``runs/pretrain_small/train/metrics.jsonl``, final checkpoint ``.../train/final``);
+4. evaluation on (at most ``--eval-pairs``) held-out pairs: MLM accuracy, NSP accuracy,
+   and the baseline of always predicting the most frequent masked token of the training data.
+
+The summary goes to ``benchmarks/results/pretrain_small.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import bert_gluon  # noqa: E402  (sets OMP_NUM_THREADS before mxnet)
+import mxnet as mx  # noqa: E402
+
+from bert_gluon import BERTConfig  # noqa: E402
+from bert_gluon.fileio import write_json  # noqa: E402
+from bert_gluon.pretraining import (build_pretraining_model, evaluate,  # noqa: E402
+                                    most_frequent_token_baseline, pretrain)
+from bert_gluon.pretraining_data import (PretrainingData, create_pretraining_data,  # noqa: E402
+                                         load_shards)
+from bert_gluon.tokenization import Tokenizer  # noqa: E402
+
+HELD_OUT = ("christmas-carol.txt", "time-machine.txt", "heart-of-darkness.txt")
+
+
+def shared(env: str, name: str) -> str:
+    return os.environ.get(env) or os.path.join(ROOT, "..", "shared", "data", name)
+
+
+def make_data(files, out, tok, args) -> dict:
+    if os.path.exists(os.path.join(out, "meta.json")):
+        with open(os.path.join(out, "meta.json")) as f:
+            return json.load(f)
+    return create_pretraining_data(files, out, tok, max_seq_length=args.seq_len,
+                                   max_predictions_per_seq=args.max_predictions,
+                                   num_workers=2, seed=args.seed, dupe_factor=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=25.0, help="training wall-time budget")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--max-predictions", type=int, default=20)
+    p.add_argument("--eval-pairs", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "pretrain_small"))
+    p.add_argument("--result", default=os.path.join(HERE, "results", "pretrain_small.json"))
+    args = p.parse_args()
+
+    vocab = os.environ.get("BERT_VOCAB") or os.path.join(shared("", "vocab"),
+                                                          "bert-base-uncased-vocab.txt")
+    books = sorted(glob.glob(os.path.join(shared("GUTENBERG_DIR", "gutenberg"), "*.txt")))
+    train_files = [b for b in books if os.path.basename(b) not in HELD_OUT]
+    eval_files = [b for b in books if os.path.basename(b) in HELD_OUT]
+    assert len(eval_files) == 3, eval_files
+    tok = Tokenizer.from_file(vocab)
+
+    t0 = time.time()
+    train_meta = make_data(train_files, os.path.join(args.out, "data_train"), tok, args)
+    eval_meta = make_data(eval_files, os.path.join(args.out, "data_eval"), tok, args)
+    print(f"data: {train_meta['stats']['instances']} train pairs, "
+          f"{eval_meta['stats']['instances']} held-out pairs ({time.time() - t0:.0f} s)", flush=True)
+
+    train = PretrainingData.from_shards(os.path.join(args.out, "data_train"), tok)
+    eval_all, _ = load_shards(os.path.join(args.out, "data_eval"))
+    eval_arrays = {k: v[:args.eval_pairs] for k, v in eval_all.items()}
+    eval_small = {k: v[:256] for k, v in eval_all.items()}
+    config = BERTConfig.preset("small", vocab_size=len(tok))
+
+    # probe: seconds per step on a throw-away model, to size the learning-rate schedule
+    probe, _ = build_pretraining_model(config, seed=args.seed)
+    probe_dir = os.path.join(args.out, "probe")
+    s = pretrain(probe, train, probe_dir, batch_size=args.batch_size, total_steps=4,
+                 learning_rate=args.lr, log_every=1, checkpoint_every=10 ** 9, progress=False)
+    with open(os.path.join(probe_dir, "metrics.jsonl")) as f:
+        times = [json.loads(line)["elapsed_s"] for line in f if '"train"' in line]
+    sec_per_step = (times[-1] - times[0]) / (len(times) - 1)
+    budget = args.minutes * 60
+    total_steps = max(10, int(budget / sec_per_step * 0.95))
+    print(f"probe: {sec_per_step:.2f} s/step -> total_steps {total_steps}", flush=True)
+    del probe
+
+    model, _ = build_pretraining_model(config, seed=args.seed)
+    run_dir = os.path.join(args.out, "train")
+    summary = pretrain(model, train, run_dir, eval_arrays=eval_small, tokenizer=tok,
+                       batch_size=args.batch_size, total_steps=total_steps,
+                       learning_rate=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
+                       checkpoint_every=200, eval_every=200, log_every=20,
+                       max_seconds=budget, progress=True)
+    final = evaluate(model, eval_arrays, ctx=mx.cpu())
+    baseline = most_frequent_token_baseline(train.arrays, eval_arrays)
+    result = {
+        "command": "nice -n 5 nohup .venv/bin/python benchmarks/pretrain_small.py "
+                   + " ".join(sys.argv[1:]),
+        "model": dict(preset="small", **config.to_dict()),
+        "train_books": [os.path.basename(b) for b in train_files],
+        "held_out_books": list(HELD_OUT),
+        "data": {"train_pairs": train_meta["stats"]["instances"],
+                 "held_out_pairs_evaluated": int(len(eval_arrays["valid_length"])),
+                 "max_seq_length": args.seq_len, "max_predictions_per_seq": args.max_predictions},
+        "hyper": {"batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
+                  "optimizer": "bertadam", "weight_decay": 0.01, "seed": args.seed,
+                  "total_steps_planned": total_steps, "minutes_budget": args.minutes},
+        "steps": summary["steps"], "stopped": summary["stopped"],
+        "train_seconds": round(summary["train_seconds"], 1),
+        "tokens_seen": summary["tokens_seen"],
+        "tokens_per_second": round(summary["tokens_per_second"], 1),
+        "held_out": final,
+        "baseline_most_frequent_token": baseline,
+        "mlm_acc_over_baseline": final["mlm_acc"] / max(baseline["mlm_acc"], 1e-9),
+        "targets": {"nsp_acc>=0.75": final["nsp_acc"] >= 0.75,
+                    "mlm_acc>=2x_baseline": final["mlm_acc"] >= 2 * baseline["mlm_acc"]},
+        "machine": {"cpu_cores": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "python": platform.python_version(), "mxnet": mx.__version__,
+                    "note": "shared 2-core VM; other jobs were running at the same time"},
+        "metrics_log": os.path.relpath(os.path.join(run_dir, "metrics.jsonl"), ROOT),
+        "final_checkpoint": os.path.relpath(os.path.join(run_dir, "final"), ROOT),
+    }
+    write_json(args.result, result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Pre-training BERT: masked LM + next-sentence prediction, with checkpoints that resume.
+
+    batch ──► BERTForPretraining ──► mlm_scores (B, P, V), nsp_scores (B, 2)
+          ──► PretrainingLoss: MLM cross-entropy over the real prediction slots + NSP CE
+          ──► backward ──► all-reduce (kvstore) ──► clip ──► update   (bert_gluon.training)
+
+:func:`pretrain` is the loop. Every ``checkpoint_every`` updates it writes, atomically,
+the parameters, the optimizer state, the step, the data position ``(epoch, batch)`` and the
+RNG state; ``resume=True`` continues from there and ends with exactly the parameters an
+uninterrupted run would have. Exactness comes from making every random choice a function
+of ``(seed, position)``: the batch order of an epoch from ``(seed, epoch)``, dynamic masks
+from ``(seed, epoch)``, and dropout from MXNet's generator re-seeded with
+``(seed, micro-batch number)`` before every forward pass (MXNet's RNG state cannot be read
+back, so it is re-created instead of saved).
+
+Scale-out uses MXNet's own machinery: several devices in one machine through the
+``device`` kvstore (``ctx=[mx.gpu(0), mx.gpu(1)]``), several machines through the
+``dist_sync`` kvstore (launch commands in ``docs/pretraining.md``), fp16 with dynamic loss
+scaling through MXNet AMP on GPU (``fp16=True``; not exercised by the CPU-only tests).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import mxnet as mx
+import numpy as np
+from mxnet.gluon import HybridBlock
+
+from . import training
+from .fileio import JsonlLogger, write_json
+from .pretraining_data import BATCH_KEYS, PretrainingData, iterate_batches, num_batches
+
+__all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
+           "pretrain", "build_pretraining_model"]
+
+Context = Union[mx.Context, Sequence[mx.Context]]
+
+
+class PretrainingLoss(HybridBlock):
+    """``loss = MLM cross-entropy (mean over real prediction slots) + NSP cross-entropy``.
+
+    ``forward(mlm_scores (B, P, V), nsp_scores (B, 2), masked_ids (B, P),
+    masked_weights (B, P), nsp_label (B,))`` returns ``(loss, mlm_loss, nsp_loss)``.
+    Padding slots (weight 0) contribute nothing.
+    """
+
+    def hybrid_forward(self, F, mlm_scores, nsp_scores, masked_ids, masked_weights, nsp_label):
+        mlm_nll = -F.pick(F.log_softmax(mlm_scores, axis=-1), masked_ids, axis=-1)   # (B, P)
+        mlm = F.sum(mlm_nll * masked_weights) / (F.sum(masked_weights) + 1e-6)
+        nsp = F.mean(-F.pick(F.log_softmax(nsp_scores, axis=-1), nsp_label, axis=-1))
+        return mlm + nsp, mlm, nsp
+
+
+class PretrainingMetrics:
+    """Running MLM/NSP accuracy and loss, kept as device arrays until :meth:`result`."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: Dict[str, Any] = {}
+        self.batches = 0
+
+    def _add(self, key: str, value) -> None:
+        self._sums[key] = self._sums[key] + value if key in self._sums else value
+
+    def update(self, mlm_scores, nsp_scores, batch, mlm_loss, nsp_loss) -> None:
+        w = batch["masked_weights"]
+        self._add("mlm_correct", ((mlm_scores.argmax(axis=-1) == batch["masked_ids"]) * w).sum())
+        self._add("mlm_count", w.sum())
+        self._add("nsp_correct", (nsp_scores.argmax(axis=-1) == batch["nsp_label"]).sum())
+        self._add("nsp_count", mx.nd.array([nsp_scores.shape[0]], ctx=nsp_scores.context))
+        self._add("mlm_loss", mlm_loss)
+        self._add("nsp_loss", nsp_loss)
+        self.batches += 1
+
+    def result(self) -> Dict[str, float]:
+        if not self.batches:
+            return {}
+        s = {k: float(v.asscalar()) for k, v in self._sums.items()}
+        return {"mlm_acc": s["mlm_correct"] / max(s["mlm_count"], 1.0),
+                "nsp_acc": s["nsp_correct"] / max(s["nsp_count"], 1.0),
+                "mlm_loss": s["mlm_loss"] / self.batches, "nsp_loss": s["nsp_loss"] / self.batches}
+
+
+def _to_nd(batch: Dict[str, np.ndarray], ctx: mx.Context) -> Dict[str, mx.nd.NDArray]:
+    return {k: mx.nd.array(v, ctx=ctx, dtype="float32") for k, v in batch.items()}
+
+
+def _forward(model, loss_fn, nd: Dict[str, mx.nd.NDArray]):
+    _, mlm_scores, nsp_scores = model(nd["input_ids"], nd["segment_ids"], nd["valid_length"],
+                                      nd["masked_positions"])
+    loss, mlm, nsp = loss_fn(mlm_scores, nsp_scores, nd["masked_ids"], nd["masked_weights"],
+                             nd["nsp_label"])
+    return loss, mlm, nsp, mlm_scores, nsp_scores
+
+
+def evaluate(model, arrays: Dict[str, np.ndarray], batch_size: int = 64,
+             ctx: Optional[mx.Context] = None) -> Dict[str, float]:
+    """MLM accuracy/loss over every masked slot and NSP accuracy/loss over every pair of
+    ``arrays`` (dropout off)."""
+    ctx = ctx or mx.cpu()
+    loss_fn = PretrainingLoss()
+    metrics = PretrainingMetrics()
+    for _, batch in iterate_batches(arrays, batch_size, shuffle=False, drop_last=False):
+        nd = _to_nd(batch, ctx)
+        _, mlm, nsp, mlm_scores, nsp_scores = _forward(model, loss_fn, nd)
+        metrics.update(mlm_scores, nsp_scores, nd, mlm, nsp)
+    return metrics.result()
+
+
+def most_frequent_token_baseline(train: Dict[str, np.ndarray],
+                                 held_out: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """MLM accuracy of always predicting the token most often masked in ``train``, measured
+    on ``held_out``; and NSP accuracy of always predicting the majority label."""
+    labels = train["masked_ids"][train["masked_weights"] > 0]
+    token = int(np.bincount(labels).argmax())
+    eval_labels = held_out["masked_ids"][held_out["masked_weights"] > 0]
+    nsp_major = int(np.bincount(train["nsp_label"], minlength=2).argmax())
+    return {"token_id": token, "mlm_acc": float(np.mean(eval_labels == token)),
+            "nsp_acc": float(np.mean(held_out["nsp_label"] == nsp_major))}
+
+
+def build_pretraining_model(config=None, init_from: Optional[str] = None,
+                            ctx: Context = None, seed: int = 0):
+    """A ``BERTForPretraining`` from scratch (``config``), or continued from a checkpoint
+    loaded with :func:`bert_gluon.checkpoints.from_pretrained` (missing MLM/NSP heads are
+    created fresh; the MLM output weight is tied to the word embedding). Returns
+    ``(model, tokenizer or None)``."""
+    from .model import BERTForPretraining
+
+    ctxs = _ctx_list(ctx)
+    training.seed_everything(seed)
+    if init_from:
+        from .checkpoints import from_pretrained
+
+        model, tokenizer = from_pretrained(init_from, task="pretraining", ctx=ctxs[0])
+        if len(ctxs) > 1:
+            model.collect_params().reset_ctx(ctxs)
+        return model, tokenizer
+    if config is None:
+        raise ValueError("give a config (training from scratch) or init_from (a checkpoint)")
+    model = BERTForPretraining(config)
+    model.initialize(ctx=ctxs)
+    return model, None
+
+
+def _ctx_list(ctx: Context) -> List[mx.Context]:
+    if ctx is None:
+        return [mx.cpu()]
+    return list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
+
+
+def _rng_seed(seed: int, counter: int) -> int:
+    return (seed * 1_000_003 + counter) % (2 ** 31 - 1)
+
+
+def pretrain(model, train_data: PretrainingData, output_dir: str, *,
+             eval_arrays: Optional[Dict[str, np.ndarray]] = None, tokenizer=None,
+             batch_size: int = 32, accumulate: int = 1, total_steps: int = 1000,
+             learning_rate: float = 1e-4, warmup_ratio: float = 0.01, optimizer: str = "bertadam",
+             weight_decay: float = 0.01, max_grad_norm: Optional[float] = 1.0, seed: int = 0,
+             checkpoint_every: int = 500, eval_every: int = 0, log_every: int = 50,
+             max_seconds: Optional[float] = None, stop_after: Optional[int] = None,
+             resume: bool = False, ctx: Context = None, kvstore: Any = "device",
+             fp16: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Train ``model`` (a :class:`BERTForPretraining`, initialised) on ``train_data``.
+
+    One *step* is one optimizer update over ``accumulate`` micro-batches of ``batch_size``
+    pairs (per device and worker). The learning rate warms up over
+    ``warmup_ratio * total_steps`` steps, then decays linearly to 0 at ``total_steps``.
+    Every ``checkpoint_every`` steps (and at the end) the full training state goes to
+    ``output_dir/checkpoint``; ``resume=True`` continues from it. ``eval_every`` steps (and at
+    the end) ``eval_arrays`` are evaluated. ``max_seconds`` stops early (with a checkpoint)
+    once that much wall time has passed; ``stop_after`` stops after that step number as if
+    interrupted (tests use it). Metrics go to ``output_dir/metrics.jsonl``; with a
+    ``tokenizer`` the final model is also written by ``save_pretrained`` to
+    ``output_dir/final``.
+
+    ``kvstore``: ``"device"`` for one machine (all contexts in ``ctx``), ``"dist_sync"`` for
+    several (start the processes as in ``docs/pretraining.md``; each worker reads its own
+    slice of the data and writes to ``output_dir/worker-<rank>``).
+    Returns a summary: steps, tokens/s, last training and evaluation metrics.
+    """
+    ctxs = _ctx_list(ctx)
+    kv = mx.kv.create(kvstore) if isinstance(kvstore, str) and kvstore.startswith("dist") else kvstore
+    rank, num_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
+    if num_workers > 1:
+        output_dir = os.path.join(output_dir, f"worker-{rank}")
+        if max_seconds is not None:
+            raise ValueError("max_seconds would stop distributed workers at different steps; "
+                             "give total_steps instead")
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt_dir = os.path.join(output_dir, "checkpoint")
+    log = JsonlLogger(os.path.join(output_dir, "metrics.jsonl"))
+
+    if fp16:
+        # AMP must patch MXNet before the model's graph is built; the caller builds the model,
+        # so here we only attach the loss scaler (see training.enable_amp). GPU only.
+        if not training._AMP["on"]:
+            raise ValueError("fp16=True needs bert_gluon.training.enable_amp(ctx) called before "
+                             "the model is built (and a GPU)")
+    trainer = training.create_trainer(model, optimizer, learning_rate, weight_decay, kvstore=kv)
+    if fp16:
+        training.amp_init_trainer(trainer)
+    training.set_grad_accumulation(model, accumulate)
+    schedule = training.WarmupLinearSchedule.from_ratio(learning_rate, total_steps, warmup_ratio)
+    loss_fn = PretrainingLoss()
+    model.hybridize(static_alloc=True)
+    loss_fn.hybridize(static_alloc=True)
+    # gradients of the per-device mean loss are summed over devices and workers: average them
+    loss_scale = 1.0 / (len(ctxs) * num_workers)
+
+    step, epoch, next_batch, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
+    if resume:
+        state = training.load_training_state(ckpt_dir, trainer, model, ctx=ctxs)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        step, epoch, next_batch = state["step"], state["epoch"], state["next_batch"]
+        tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+        log.log(event="resume", step=step, epoch=epoch, next_batch=next_batch)
+    else:
+        training.seed_everything(seed)
+
+    global_bs = batch_size * len(ctxs)
+    per_epoch = num_batches(train_data.arrays, global_bs, num_workers)
+    if per_epoch < accumulate:
+        raise ValueError(f"training data has {len(train_data)} pairs: fewer than one step of "
+                         f"{accumulate} x {global_bs} per worker")
+
+    def save(reason: str) -> None:
+        training.save_training_state(ckpt_dir, trainer, model, step=step, epoch=epoch,
+                                     next_batch=next_batch, tokens_seen=tokens_seen,
+                                     train_seconds=train_seconds, seed=seed,
+                                     total_steps=total_steps, reason=reason)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step")
+    metrics = PretrainingMetrics()
+    summary: Dict[str, Any] = {"eval": None}
+    t_start = time.time() - train_seconds
+    t_window, tokens_window = time.time(), 0
+    micro = 0
+    stopped = None
+    while step < total_steps and stopped is None:
+        arrays = train_data.epoch_arrays(epoch)
+        batches = iterate_batches(arrays, global_bs, seed=seed, epoch=epoch,
+                                  start_batch=next_batch, part_index=rank, num_parts=num_workers)
+        for b, batch in batches:
+            # dropout is a function of (seed, micro-batch number): exact after --resume
+            mx.random.seed(_rng_seed(seed, step * accumulate + micro))
+            shards = [_to_nd({k: v[i::len(ctxs)] for k, v in batch.items()}, c)
+                      for i, c in enumerate(ctxs)]
+            with mx.autograd.record():
+                outs = [_forward(model, loss_fn, nd) for nd in shards]
+                losses = [o[0] * loss_scale for o in outs]
+            for loss in losses:
+                training.backward(loss, trainer)
+            for nd, (_, mlm, nsp, mlm_scores, nsp_scores) in zip(shards, outs):
+                metrics.update(mlm_scores, nsp_scores, nd, mlm, nsp)
+            tokens = int(batch["valid_length"].sum()) * num_workers
+            tokens_seen += tokens
+            tokens_window += tokens
+            micro += 1
+            next_batch = b + 1
+            if micro < accumulate:
+                continue
+            micro = 0
+            step += 1
+            trainer.set_learning_rate(schedule(step))
+            grad_norm = training.optimizer_step(trainer, max_grad_norm, accumulate)
+            if bar is not None:
+                bar.update(1)
+            if step % log_every == 0 or step == total_steps:
+                res = metrics.result()
+                now = time.time()
+                res.update(step=step, epoch=epoch, lr=trainer.learning_rate,
+                           tokens_per_s=tokens_window / max(now - t_window, 1e-9),
+                           grad_norm=float(grad_norm.asscalar()) if grad_norm is not None else None,
+                           elapsed_s=now - t_start)
+                log.log(event="train", **res)
+                summary["train"] = res
+                if bar is not None:
+                    bar.set_postfix(mlm=f"{res['mlm_acc']:.3f}", nsp=f"{res['nsp_acc']:.3f}",
+                                    loss=f"{res['mlm_loss'] + res['nsp_loss']:.2f}")
+                metrics.reset()
+                t_window, tokens_window = now, 0
+            if eval_arrays is not None and eval_every and step % eval_every == 0:
+                summary["eval"] = _log_eval(model, eval_arrays, ctxs[0], log, step)
+            train_seconds = time.time() - t_start
+            if stop_after is not None and step >= stop_after:
+                stopped = "stop_after"
+            elif max_seconds is not None and train_seconds >= max_seconds:
+                stopped = "time limit"
+            if step % checkpoint_every == 0 or stopped or step == total_steps:
+                save(stopped or "periodic")
+            if stopped or step >= total_steps:
+                break
+        else:   # the epoch ran out (no break): the next one is shuffled and masked afresh
+            epoch, next_batch = epoch + 1, 0
+    if bar is not None:
+        bar.close()
+    train_seconds = time.time() - t_start
+    if eval_arrays is not None and stopped != "stop_after":
+        summary["eval"] = _log_eval(model, eval_arrays, ctxs[0], log, step)
+    if tokenizer is not None and rank == 0 and stopped != "stop_after":
+        from .checkpoints import save_pretrained
+
+        save_pretrained(model, tokenizer, os.path.join(output_dir, "final"),
+                        pretraining_steps=step)
+    summary.update(steps=step, epochs=epoch, stopped=stopped, tokens_seen=tokens_seen,
+                   train_seconds=train_seconds,
+                   tokens_per_second=tokens_seen / max(train_seconds, 1e-9),
+                   rank=rank, num_workers=num_workers)
+    write_json(os.path.join(output_dir, "summary.json"), summary)
+    return summary
+
+
+def _log_eval(model, arrays, ctx, log: JsonlLogger, step: int) -> Dict[str, float]:
+    res = evaluate(model, arrays, ctx=ctx)
+    log.log(event="eval", step=step, **res)
+    return res
