@@ -7,7 +7,7 @@ import numpy as np
 import bert_gluon as bg
 import gluonnlp as nlp
 import mxnet as mx
-from bert_gluon.checkpoints import convert, export_symbol, read_safetensors
+from bert_gluon.checkpoints import export_symbol, read_safetensors
 from bert_gluon.cli import main
 from test_checkpoints import TINY, batch, make_tokenizer, random_model
 
