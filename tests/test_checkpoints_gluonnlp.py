@@ -4,6 +4,8 @@ import collections
 import functools
 import http.server
 import os
+import re
+import shutil
 import threading
 import zipfile
 
@@ -201,6 +203,22 @@ def test_zoo_offline_names_file_and_folder(tmp_path, tiny_zoo, monkeypatch):
         bg.from_pretrained("bert_12_768_12", dataset_name=DATASET, root=str(root))
     msg = str(err.value)
     assert p_name in msg and f"into the folder {root}" in msg and "not in the MXNet model cache" in msg
+
+
+def test_zoo_default_cache_is_mxnet_home_models(tmp_path, tiny_zoo, monkeypatch):
+    """Without root=, files are looked up in $MXNET_HOME/models, as GluonNLP does."""
+    params, p_sha1, vocab_file, v_sha1 = tiny_zoo[2]
+    monkeypatch.setenv("MXNET_HOME", str(tmp_path / "mxhome"))
+    monkeypatch.setenv("MXNET_GLUON_REPO", "http://127.0.0.1:9/")
+    p_name, v_name = cache_names("bert_12_768_12", p_sha1, v_sha1)
+    with pytest.raises(CheckpointError, match=re.escape(f"folder {tmp_path / 'mxhome' / 'models'}")):
+        bg.from_pretrained("bert_12_768_12", dataset_name=DATASET)
+    models = tmp_path / "mxhome" / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copy(params, models / p_name)
+    shutil.copy(vocab_file, models / v_name)
+    ours, _ = bg.from_pretrained("bert_12_768_12", dataset_name=DATASET)   # offline, from cache
+    assert ours.config.units == 64
 
 
 def test_zoo_checksum_mismatch(tmp_path, tiny_zoo, monkeypatch):
