@@ -704,10 +704,7 @@ def save_pretrained(model, tokenizer: Tokenizer, directory: str, **extra_meta: A
     os.makedirs(directory, exist_ok=True)
     with atomic_path(os.path.join(directory, "model.params")) as tmp:
         model.save_parameters(tmp)
-    with atomic_path(os.path.join(directory, "vocab.txt")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for token in tokenizer.vocab.idx_to_token:
-                f.write(token + "\n")
+    tokenizer.save(directory)
     meta = dict(config.to_dict(), model_class=cls,
                 num_classes=getattr(model, "num_classes", None), lower=tokenizer.lower,
                 **extra_meta)

@@ -15,6 +15,8 @@ from typing import Iterable, List, Sequence, Union
 
 import gluonnlp as nlp
 
+from .fileio import atomic_path
+
 __all__ = ["load_vocab", "Tokenizer"]
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -87,12 +89,10 @@ class Tokenizer:
 
     def save(self, directory: str) -> str:
         """Write ``vocab.txt`` (ids = line numbers) into ``directory``; returns its path."""
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "vocab.txt")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for tok in self.vocab.idx_to_token:
-                f.write(tok + "\n")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for tok in self.vocab.idx_to_token:
+                    f.write(tok + "\n")
         return path
 
