@@ -1,0 +1,153 @@
+"""INT8 inference of a fine-tuned :class:`~bert_gluon.model.BERTClassifier` on CPU.
+
+MXNet's oneDNN backend runs the dense layers and the fused self-attention GEMMs with 8-bit
+integers. Post-training quantization needs only a few hundred *calibration* examples: they
+run through the fp32 model once, the range of every quantized layer's output is recorded,
+and those ranges become the fixed INT8 scales (``calib_mode="naive"``: min/max)::
+
+    loader = make_dataloader(train_samples[:320], 32, tokenizer.pad_id, shuffle=False)
+    qnet = quantize_classifier(model, loader)                # a hybridized SymbolBlock
+    logits = qnet(words, segments, valid_length)             # same call as the fp32 model
+
+This follows GluonNLP 0.10's ``scripts/bert`` recipe (``quantize_net_v2`` with the
+``MKLDNN_QUANTIZE`` backend, residual ``elemwise_add`` kept in fp32, GELU outputs clipped
+so a rare outlier does not waste the 8-bit range).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+from mxnet.base import NDArrayHandle, py_str
+
+__all__ = ["quantize_classifier", "CalibrationCollector"]
+
+
+class CalibrationCollector:
+    """Min/max of each quantized layer's output over the calibration batches, with
+    optional clipping of GELU outputs (``clip_gelu``) as GluonNLP's ``BertLayerCollector``.
+
+    MXNet calls :meth:`collect` for every node output while calibrating; only node outputs
+    are recorded, and MXNet uses those of the quantized layers.
+    """
+
+    def __init__(self, clip_gelu: Optional[float] = 10.0, logger=None):
+        self.clip_gelu = clip_gelu
+        self.min_max_dict = {}
+        self.logger = logger
+
+    @staticmethod
+    def include(name: str) -> bool:
+        return name.endswith("_output")         # MXNet names node outputs "<node>_output"
+
+    def collect(self, name, arr) -> None:
+        name = py_str(name)
+        if not self.include(name):
+            return
+        arr = mx.nd.NDArray(ctypes.cast(arr, NDArrayHandle), writable=False)
+        lo, hi = float(mx.nd.min(arr).asscalar()), float(mx.nd.max(arr).asscalar())
+        if self.clip_gelu is not None and "gelu" in name.lower():
+            hi = min(hi, self.clip_gelu)
+        if name in self.min_max_dict:
+            old_lo, old_hi = self.min_max_dict[name]
+            lo, hi = min(lo, old_lo), max(hi, old_hi)
+        self.min_max_dict[name] = (lo, hi)
+
+
+def _as_batches(calib_data: Iterable, batch_size: Optional[int],
+                num_examples: Optional[int]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Re-batch ``(words, valid_length, segments, ...)`` batches into equal-shaped ones.
+
+    MXNet calibrates a graph bound to one input shape, so every batch is padded to the
+    longest sequence seen and cut to ``batch_size`` rows (the last partial batch is dropped
+    unless it is the only one).
+    """
+    words, segments, valid = [], [], []
+    for i, batch in enumerate(calib_data):
+        if not isinstance(batch, (tuple, list)) or len(batch) < 3:
+            raise ValueError(f"calib_data batch {i}: expected (words, valid_length, segments, "
+                             f"...), got {type(batch).__name__}")
+        w, v, s = (b.asnumpy() if isinstance(b, mx.nd.NDArray) else np.asarray(b)
+                   for b in batch[:3])
+        if w.ndim != 2 or s.shape != w.shape or v.shape != (w.shape[0],):
+            raise ValueError(f"calib_data batch {i}: words {w.shape}, segments {s.shape}, "
+                             f"valid_length {v.shape} do not fit (batch, seq_len)/(batch,)")
+        words += list(w)
+        segments += list(s)
+        valid += list(v)
+        if num_examples is not None and len(words) >= num_examples:
+            break
+    if not words:
+        raise ValueError("calib_data is empty: quantization needs calibration examples")
+    n = len(words) if num_examples is None else min(num_examples, len(words))
+    T = max(len(w) for w in words[:n])
+    W = np.zeros((n, T), dtype=np.float32)
+    S = np.zeros((n, T), dtype=np.float32)
+    for j in range(n):
+        W[j, :len(words[j])] = words[j]
+        S[j, :len(segments[j])] = segments[j]
+    V = np.asarray(valid[:n], dtype=np.float32)
+    bs = min(batch_size or n, n)
+    return [(W[i:i + bs], S[i:i + bs], V[i:i + bs]) for i in range(0, n - bs + 1, bs)]
+
+
+def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
+                        num_calib_examples: Optional[int] = 320, batch_size: Optional[int] = 32,
+                        calib_mode: str = "naive", clip_gelu: Optional[float] = 10.0,
+                        exclude_layers_match: Sequence[str] = ("elemwise_add",),
+                        exclude_operators: Sequence[str] = ("_sg_mkldnn_selfatt_valatt",),
+                        quantize_output: bool = False, quantized_dtype: str = "int8", ctx: mx.Context = mx.cpu(),
+                        logger: Optional[logging.Logger] = None) -> mx.gluon.SymbolBlock:
+    """Post-training INT8 quantization of a classifier called as ``model(words, segments,
+    valid_length)`` (e.g. :class:`~bert_gluon.model.BERTClassifier`).
+
+    Args:
+        model: the fp32 model, initialized (it gets hybridized and exported on the way).
+        calib_data: iterable of batches ``(words, valid_length, segments, ...)`` (NDArray or
+            NumPy; extra fields such as labels are ignored): the layout of
+            :func:`bert_gluon.data.make_dataloader`, e.g. a loader over training samples.
+        num_calib_examples: how many examples to calibrate on (a few hundred is plenty).
+        batch_size: rows per calibration batch.
+        calib_mode: ``"naive"`` (min/max of each layer output, with GELU clipping) or
+            ``"entropy"`` (KL-divergence thresholds; slower, sometimes more accurate).
+        clip_gelu: upper bound for GELU output ranges (``None``: no clipping); naive mode only.
+        exclude_layers_match: substrings of node names kept in fp32.
+        exclude_operators: operator types kept in fp32.
+        quantize_output: also quantize the final classification layer (default: keep fp32).
+        quantized_dtype: ``"int8"`` (signed activations everywhere; works for every layer) or
+            ``"auto"`` (uint8 after non-negative outputs).
+        ctx: only CPU is supported (oneDNN).
+
+    Returns:
+        A hybridized ``SymbolBlock`` taking ``(words, segments, valid_length)`` like ``model``
+        and returning the same ``(batch, num_classes)`` scores.
+    """
+    from mxnet.contrib.quantization import quantize_net_v2
+
+    if ctx.device_type != "cpu":
+        raise ValueError(f"INT8 quantization runs on CPU (oneDNN) only, got ctx={ctx}")
+    if calib_mode not in ("naive", "entropy"):
+        raise ValueError(f"calib_mode must be 'naive' or 'entropy', got {calib_mode!r}")
+    batches = _as_batches(calib_data, batch_size, num_calib_examples)
+    loader = [tuple(mx.nd.array(x, ctx=ctx) for x in b) for b in batches]
+    exclude = list(exclude_layers_match)
+    if not quantize_output:
+        output = getattr(model, "output", None)
+        if output is not None:
+            exclude.append(output.name)          # e.g. "bertclassifier0_dense1"
+    collector = None
+    mode = calib_mode
+    if calib_mode == "naive":
+        collector = CalibrationCollector(clip_gelu, logger)
+        mode = "customize"
+    qnet = quantize_net_v2(model, quantized_dtype=quantized_dtype, quantize_mode="full",
+                           exclude_layers_match=exclude, exclude_operators=list(exclude_operators),
+                           calib_data=loader,
+                           calib_mode=mode, num_calib_examples=sum(len(b[0]) for b in batches),
+                           ctx=ctx, LayerOutputCollector=collector, logger=logger)
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    return qnet
+
