@@ -383,8 +383,9 @@ def _load_vocab_checked(path: str, lower: bool) -> Tokenizer:
 
 
 def load_hf_folder(directory: str) -> _Loaded:
-    """Read a Hugging Face BERT folder (``config.json``, ``model.safetensors`` or
-    ``pytorch_model.bin``, ``vocab.txt``) into numpy, renamed to our names."""
+    """Read a Hugging Face BERT folder (``config.json``, ``model.safetensors`` — or its
+    sharded ``.index.json`` — or ``pytorch_model.bin``, ``vocab.txt``) into numpy, renamed
+    to our names."""
     config_path = os.path.join(directory, "config.json")
     config = config_from_hf(_read_json(config_path), config_path)
     lower = True
@@ -394,8 +395,16 @@ def load_hf_folder(directory: str) -> _Loaded:
     vocab_path = os.path.join(directory, "vocab.txt")
     tokenizer = _load_vocab_checked(vocab_path, lower)
     st, pt = (os.path.join(directory, n) for n in ("model.safetensors", "pytorch_model.bin"))
+    index = st + ".index.json"
     if os.path.exists(st):
         weights_path, tensors = st, read_safetensors(st)
+    elif os.path.exists(index):                       # sharded: model-0000k-of-0000n.safetensors
+        weights_path, tensors = index, {}
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise CheckpointError(f"{index}: no weight_map")
+        for shard in shards:
+            tensors.update(read_safetensors(os.path.join(directory, shard)))
     elif os.path.exists(pt):
         weights_path, tensors = pt, read_torch_bin(pt)
     else:

@@ -98,11 +98,15 @@ def our_logits(model, words, segments, lengths, masked):
     return mlm.asnumpy(), nsp.asnumpy()
 
 
-@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin",
+                                          "model.safetensors.index.json"])
 def test_random_odd_shape_bertforpretraining(tmp_path, weights_file):
     ref = random_hf_pretraining()
     if weights_file == "model.safetensors":
         ref.save_pretrained(str(tmp_path))
+    elif weights_file == "model.safetensors.index.json":       # sharded
+        ref.save_pretrained(str(tmp_path), max_shard_size="20KB")
+        assert len([n for n in os.listdir(tmp_path) if n.endswith(".safetensors")]) > 1
     else:
         ref.config.save_pretrained(str(tmp_path))
         torch.save(ref.state_dict(), str(tmp_path / "pytorch_model.bin"))
