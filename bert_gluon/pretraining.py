@@ -154,6 +154,17 @@ def _ctx_list(ctx: Context) -> List[mx.Context]:
     return list(ctx) if isinstance(ctx, (list, tuple)) else [ctx]
 
 
+def _schedule_step(step: int, total_steps: int, t_start: float,
+                   max_seconds: Optional[float]) -> int:
+    """The step the learning-rate schedule sees: the real one, or, under a wall-time budget,
+    the budget's elapsed share of ``total_steps`` when that is further along (so the rate
+    still reaches 0 at the deadline on a machine slower than planned)."""
+    if max_seconds is None:
+        return step
+    by_time = int(total_steps * (time.time() - t_start) / max_seconds)
+    return min(total_steps, max(step, by_time))
+
+
 def _rng_seed(seed: int, counter: int) -> int:
     return (seed * 1_000_003 + counter) % (2 ** 31 - 1)
 
@@ -175,7 +186,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     Every ``checkpoint_every`` steps (and at the end) the full training state goes to
     ``output_dir/checkpoint``; ``resume=True`` continues from it. ``eval_every`` steps (and at
     the end) ``eval_arrays`` are evaluated. ``max_seconds`` stops early (with a checkpoint)
-    once that much wall time has passed; ``stop_after`` stops after that step number as if
+    once that much wall time has passed, and the learning rate then follows whichever of
+    steps or time is further along (a time budget is not bit-reproducible); ``stop_after`` stops after that step number as if
     interrupted (tests use it). Metrics go to ``output_dir/metrics.jsonl``; with a
     ``tokenizer`` the final model is also written by ``save_pretrained`` to
     ``output_dir/final``.
@@ -272,7 +284,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
                 continue
             micro = 0
             step += 1
-            trainer.set_learning_rate(schedule(step))
+            trainer.set_learning_rate(schedule(_schedule_step(step, total_steps, t_start,
+                                                              max_seconds)))
             grad_norm = training.optimizer_step(trainer, max_grad_norm, accumulate)
             if bar is not None:
                 bar.update(1)

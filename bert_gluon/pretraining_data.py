@@ -15,8 +15,8 @@ with one deliberate difference: when a pair is too long we cut sentence A at its
 sentence B at its *back*, so that for a "next" pair the end of A really is followed by the
 start of B in the document.
 
-Bad input never crashes the pipeline: empty documents are skipped, one-sentence documents
-only make "random next" pairs, sentences longer than a sequence are split, undecodable
+Bad input never crashes the pipeline: empty documents are skipped, a one-sentence document
+is cut inside its sentence to make pairs, sentences longer than a sequence are split, undecodable
 lines are skipped (or, with ``errors="strict"``, reported with file and line); every such
 case is counted in :class:`CorpusStats`. An empty corpus is an error naming the files.
 """
@@ -57,7 +57,7 @@ class CorpusStats:
     sentences: int = 0
     tokens: int = 0
     empty_documents: int = 0           # skipped: no sentence left after cleaning/tokenizing
-    one_sentence_documents: int = 0    # kept, but only usable for "random next" pairs
+    one_sentence_documents: int = 0    # kept: the sentence is cut in two for its pairs
     undecodable_lines: int = 0         # skipped: not valid UTF-8
     long_sentences: int = 0            # split: longer than max_seq_length - 3 tokens
     files_without_gutenberg_markers: int = 0
@@ -381,9 +381,10 @@ def create_pair_instances(docs: Sequence[IdDocument], doc_index: int, max_seq_le
 
     Consecutive sentences are packed into a chunk of about ``max_seq_length - 3`` tokens (with
     probability ``short_seq_prob`` a random shorter target, so the model also sees short
-    inputs); the chunk is cut at a random sentence boundary into A and B. Half of the time
-    (and always for a one-sentence chunk) B is replaced by text from a random other document
-    and the unused sentences go back to the pool.
+    inputs); the chunk is cut at a random sentence boundary into A and B (a chunk of one
+    sentence is cut at a random token: "sentences" are spans of text, as in the BERT paper).
+    Half of the time (and always for a one-token chunk) B is replaced by text from a random
+    other document and the unused sentences go back to the pool.
     """
     stats = stats if stats is not None else CorpusStats()
     max_num_tokens = max_seq_length - 3
@@ -401,6 +402,10 @@ def create_pair_instances(docs: Sequence[IdDocument], doc_index: int, max_seq_le
         chunk.append(document[i])
         length += len(document[i])
         if i == len(document) - 1 or length >= target:
+            split_sentence = len(chunk) == 1 and len(chunk[0]) >= 2
+            if split_sentence:   # one sentence: cut it in two, still genuinely consecutive
+                cut = rng.randint(1, len(chunk[0]) - 1)
+                chunk = [chunk[0][:cut], chunk[0][cut:]]
             a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
             a = [t for s in chunk[:a_end] for t in s]
             if len(chunk) == 1 or rng.random() < 0.5:
@@ -417,7 +422,8 @@ def create_pair_instances(docs: Sequence[IdDocument], doc_index: int, max_seq_le
                     b.extend(s)
                     if len(b) >= b_target:
                         break
-                i -= len(chunk) - a_end        # put the unused sentences back
+                if not split_sentence:
+                    i -= len(chunk) - a_end    # put the unused sentences back
             else:
                 is_random_next = False
                 b = [t for s in chunk[a_end:] for t in s]
