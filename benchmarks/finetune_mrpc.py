@@ -1,0 +1,181 @@
+"""Benchmark: fine-tune all-MiniLM-L6-v2 on MRPC with bert_gluon and with Hugging Face
+transformers (torch CPU), same recipe, same machine, alternating runs.
+
+Recipe: MRPC train (3668 pairs), 3 epochs, batch 32, max length 128, lr 5e-5, linear warmup
+over 10 % of the updates then linear decay, weight decay 0.01 (none on bias/LayerNorm),
+gradient clipping at 1.0, dropout 0.1, seeds 1, 2, 3. Both sides use 2 threads, dynamic padding,
+and report the dev accuracy / F1 of the model after the last epoch and the wall time of the
+training loop (tokenization and dev evaluation excluded).
+
+    .venv/bin/python benchmarks/finetune_mrpc.py              # the full benchmark (~45 min)
+    .venv/bin/python benchmarks/finetune_mrpc.py --seeds 1 --epochs 1 --max-train 256  # smoke
+
+Each run is a separate process (MXNet and torch do not share a process). Results go to
+``benchmarks/results/finetune_mrpc.json`` and a table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+THREADS = 2
+
+
+def run_ours(a: argparse.Namespace) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    sys.path.insert(0, ROOT)
+    import bert_gluon  # noqa: F401  (threads before mxnet)
+    from bert_gluon.finetuning import FinetuneArgs, finetune
+
+    out = tempfile.mkdtemp(prefix=f"ours-seed{a.seed}-")
+    s = finetune(FinetuneArgs(task="mrpc", model="all-MiniLM-L6-v2", output_dir=out,
+                              epochs=a.epochs, batch_size=32, max_len=128, lr=5e-5,
+                              warmup_ratio=0.1, weight_decay=0.01, seed=a.seed,
+                              max_train_examples=a.max_train, progress=False))
+    last = s["last_dev"]
+    return {"accuracy": last["accuracy"], "f1": last["f1"], "train_time": s["train_time"],
+            "best_epoch": s["best_epoch"], "best_accuracy": s["dev"]["accuracy"]}
+
+
+def run_hf(a: argparse.Namespace) -> dict:
+    import random
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import (AutoTokenizer, BertForSequenceClassification,
+                              DataCollatorWithPadding, get_linear_schedule_with_warmup)
+
+    sys.path.insert(0, ROOT)
+    from bert_gluon.checkpoints import minilm_dir
+    from bert_gluon.data import load_task
+
+    torch.set_num_threads(THREADS)
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    folder = minilm_dir()
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = BertForSequenceClassification.from_pretrained(folder, num_labels=2)
+
+    def encode(rows, labelled=True):
+        enc = [dict(tok(r[0], r[1], truncation=True, max_length=128), labels=int(r[2]))
+               for r in rows]
+        return enc
+
+    train = encode(load_task("mrpc", "train")[:a.max_train] if a.max_train
+                   else load_task("mrpc", "train"))
+    dev = encode(load_task("mrpc", "dev"))
+    collate = DataCollatorWithPadding(tok)
+    g = torch.Generator().manual_seed(a.seed)
+    loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=collate, generator=g)
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [{"params": [p for n, p in model.named_parameters()
+                          if not any(k in n for k in no_decay)], "weight_decay": 0.01},
+              {"params": [p for n, p in model.named_parameters()
+                          if any(k in n for k in no_decay)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=5e-5)
+    total = len(loader) * a.epochs
+    sched = get_linear_schedule_with_warmup(opt, int(0.1 * total), total)
+    model.train()
+    tic = time.time()
+    for _ in range(a.epochs):
+        for batch in loader:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    train_time = time.time() - tic
+    model.eval()
+    preds, labels = [], []
+    with torch.no_grad():
+        for batch in DataLoader(dev, batch_size=64, collate_fn=collate):
+            preds += model(**{k: v for k, v in batch.items() if k != "labels"}
+                           ).logits.argmax(-1).tolist()
+            labels += batch["labels"].tolist()
+    from bert_gluon.finetuning import classification_metrics
+
+    m = classification_metrics(labels, preds)
+    return {"accuracy": m["accuracy"], "f1": m["f1"], "train_time": train_time}
+
+
+def _stats(xs):
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-train", type=int, default=None, help="first N train pairs (smoke)")
+    p.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "finetune_mrpc.json"))
+    a = p.parse_args()
+    if a.only:  # child process: one run, JSON on the last line of stdout
+        result = run_ours(a) if a.only == "ours" else run_hf(a)
+        print(json.dumps(result))
+        return
+
+    runs = []
+    for seed in a.seeds:
+        for impl in ("ours", "hf"):
+            cmd = [sys.executable, __file__, "--only", impl, "--seed", str(seed),
+                   "--epochs", str(a.epochs)]
+            if a.max_train:
+                cmd += ["--max-train", str(a.max_train)]
+            env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+                raise SystemExit(f"{impl} seed {seed} failed")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r.update(impl=impl, seed=seed)
+            runs.append(r)
+            print(f"{impl:4s} seed {seed}: acc {100 * r['accuracy']:.2f}  f1 {100 * r['f1']:.2f}  "
+                  f"train {r['train_time']:.0f}s", flush=True)
+            os.makedirs(os.path.dirname(a.out), exist_ok=True)
+            with open(a.out + ".partial", "w") as f:
+                json.dump(runs, f, indent=2)
+
+    table = {}
+    for impl in ("ours", "hf"):
+        rs = [r for r in runs if r["impl"] == impl]
+        table[impl] = {k: _stats([r[k] for r in rs]) for k in ("accuracy", "f1", "train_time")}
+    print(f"\n| implementation | dev accuracy % | dev F1 % | training wall time s |")
+    print(f"|---|---|---|---|")
+    for impl, name in (("ours", "bert_gluon (MXNet)"), ("hf", "transformers (torch)")):
+        t = table[impl]
+        print(f"| {name} | {100 * t['accuracy'][0]:.1f} ± {100 * t['accuracy'][1]:.1f} "
+              f"| {100 * t['f1'][0]:.1f} ± {100 * t['f1'][1]:.1f} "
+              f"| {t['train_time'][0]:.0f} ± {t['train_time'][1]:.0f} |")
+    import platform
+
+    record = {"recipe": {"model": "all-MiniLM-L6-v2", "task": "mrpc", "epochs": a.epochs,
+                         "batch_size": 32, "max_len": 128, "lr": 5e-5, "warmup_ratio": 0.1,
+                         "weight_decay": 0.01, "seeds": a.seeds, "max_train": a.max_train,
+                         "threads": THREADS},
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+              "runs": runs, "summary": table}
+    from importlib.metadata import version
+
+    record["versions"] = {k: version(k) for k in ("mxnet", "gluonnlp", "torch", "transformers")}
+    with open(a.out, "w") as f:
+        json.dump(record, f, indent=2)
+    if os.path.exists(a.out + ".partial"):
+        os.remove(a.out + ".partial")
+    print(f"\nwritten to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
