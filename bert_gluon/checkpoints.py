@@ -498,6 +498,10 @@ def load_zoo(model_name: str, dataset_name: str = "book_corpus_wiki_en_uncased",
                               f"{dataset_name!r}; it has {have}")
     if dataset_name not in data_utils._vocab_sha1:
         raise CheckpointError(f"GluonNLP has no vocabulary for dataset_name={dataset_name!r}")
+    if data_utils._vocab_sha1[dataset_name][1] != ".vocab":
+        raise CheckpointError(f"{full} uses a SentencePiece vocabulary "
+                              f"({data_utils._vocab_sha1[dataset_name][1]}); this package "
+                              f"tokenizes with WordPiece only")
     params_path = _zoo_file("params", full, root, model_store._model_sha1[full], ".params",
                             lambda: model_store.get_model_file(full, root=root))
     vocab_sha1, vocab_ext = data_utils._vocab_sha1[dataset_name][:2]

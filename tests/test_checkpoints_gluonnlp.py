@@ -239,3 +239,5 @@ def test_zoo_unknown_names():
     with pytest.raises(CheckpointError, match="has no pretrained 'bert_12_768_12' for "
                                               "dataset_name='no_such_corpus'.*book_corpus_wiki"):
         bg.from_pretrained("bert_12_768_12", dataset_name="no_such_corpus")
+    with pytest.raises(CheckpointError, match="kobert_news_wiki_ko_cased uses a SentencePiece"):
+        bg.from_pretrained("bert_12_768_12", dataset_name="kobert_news_wiki_ko_cased")
