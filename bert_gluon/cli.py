@@ -51,12 +51,16 @@ def _add_weights_commands(sub) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoints import convert
+    from .checkpoints import CheckpointError, convert
 
     kwargs = {k: v for k, v in (("dataset_name", args.dataset_name), ("root", args.root),
                                 ("num_classes", args.num_classes)) if v is not None}
-    paths = convert(args.source, args.output_dir, to=args.to, task=args.task,
-                    seq_len=getattr(args, "seq_len", 128), **kwargs)
+    try:
+        paths = convert(args.source, args.output_dir, to=args.to, task=args.task,
+                        seq_len=getattr(args, "seq_len", 128), **kwargs)
+    except CheckpointError as e:            # a bad or missing checkpoint: one line, no traceback
+        print(f"bert-gluon {args.command}: error: {e}", file=sys.stderr)
+        return 2
     print("\n".join(paths))
     return 0
 

@@ -62,3 +62,8 @@ def test_cli_convert_and_export(tmp_path, capsys):
     assert main(["export", src, str(tmp_path / "dep"), "--seq-len", "7"]) == 0
     out = capsys.readouterr().out
     assert "model-symbol.json" in out and "model-0000.params" in out and "vocab.txt" in out
+
+    # a bad source: one error line naming the problem, exit status 2, no traceback
+    assert main(["convert", str(tmp_path / "dep"), str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bert-gluon convert: error: ") and "config.json: file not found" in err
