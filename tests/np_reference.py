@@ -2,7 +2,26 @@
 equations, used to check the Gluon blocks number by number."""
 import math
 
+import mxnet as mx
 import numpy as np
+from mxnet import nd
+
+
+def numpy_params(block):
+    """A Gluon block's parameters as float64 arrays, by structural name."""
+    return {k: v.data().asnumpy().astype(np.float64)
+            for k, v in block._collect_params_with_prefix().items()}
+
+
+def init_nontrivial(block, ctx, sigma=0.3, gamma=0.8):
+    """Initialise ``block`` with random weights and non-trivial LayerNorm and bias values,
+    so that a reference comparison really checks every term."""
+    block.initialize(mx.init.Normal(sigma), ctx=ctx)
+    for name, p in block.collect_params().items():
+        if name.endswith(("gamma", "beta", "bias")):
+            p.set_data(nd.random.normal(gamma if name.endswith("gamma") else 0, 0.2,
+                                        shape=p.shape, ctx=ctx))
+    return block
 
 
 def erf_gelu(x):

@@ -7,24 +7,11 @@ import pytest
 from mxnet import autograd, nd
 
 from bert_gluon import AddNorm, EncoderBlock, MultiHeadAttention, PositionalEncoding, PositionWiseFFN
-from np_reference import erf_gelu, layer_norm, np_attention, np_encoder_block
+from np_reference import init_nontrivial, numpy_params, erf_gelu, layer_norm, np_attention, np_encoder_block
 
 T, B, C, H, FFN = 7, 3, 16, 4, 32
 
 
-def _params(block):
-    return {k: v.data().asnumpy().astype(np.float64)
-            for k, v in block._collect_params_with_prefix().items()}
-
-
-def _init(block, ctx):
-    block.initialize(mx.init.Normal(0.5), ctx=ctx)
-    # non-trivial LayerNorm and bias values so the reference really checks them
-    for name, p in block.collect_params().items():
-        if name.endswith(("gamma", "beta", "bias")):
-            p.set_data(nd.random.normal(0.5 if name.endswith("gamma") else 0, 0.3,
-                                        shape=p.shape, ctx=ctx))
-    return block
 
 
 def _x(ctx, shape=(T, B, C), seed=0):
@@ -32,10 +19,10 @@ def _x(ctx, shape=(T, B, C), seed=0):
 
 
 def test_multi_head_attention_matches_numpy(ctx):
-    att = _init(MultiHeadAttention(C, H, dropout=0.0), ctx)
+    att = init_nontrivial(MultiHeadAttention(C, H, dropout=0.0), ctx, sigma=0.5)
     X = _x(ctx)
     vl = nd.array([7, 3, 1], ctx=ctx)
-    p = _params(att)
+    p = numpy_params(att)
     for valid in (None, vl):
         out = att(X, valid)
         assert out.shape == (T, B, C)
@@ -45,11 +32,11 @@ def test_multi_head_attention_matches_numpy(ctx):
 
 
 def test_encoder_block_matches_numpy(ctx):
-    blk = _init(EncoderBlock(C, FFN, H, dropout=0.1, layer_norm_eps=1e-12), ctx)
+    blk = init_nontrivial(EncoderBlock(C, FFN, H, dropout=0.1, layer_norm_eps=1e-12), ctx)
     X = _x(ctx, seed=1)
     vl = nd.array([5, 7, 2], ctx=ctx)
     out = blk(X, vl)
-    ref = np_encoder_block(X.asnumpy().astype(np.float64), _params(blk), "", H, vl.asnumpy())
+    ref = np_encoder_block(X.asnumpy().astype(np.float64), numpy_params(blk), "", H, vl.asnumpy())
     assert out.shape == (T, B, C)
     np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-4)
 
@@ -68,10 +55,10 @@ def test_positional_encoding_values(ctx):
 
 
 def test_add_norm_and_ffn_shapes_and_values(ctx):
-    an = _init(AddNorm(C, dropout=0.5, epsilon=1e-12), ctx)
-    ffn = _init(PositionWiseFFN(C, FFN), ctx)
+    an = init_nontrivial(AddNorm(C, dropout=0.5, epsilon=1e-12), ctx)
+    ffn = init_nontrivial(PositionWiseFFN(C, FFN), ctx)
     X, Y = _x(ctx, seed=2), _x(ctx, seed=3)
-    p = _params(an)
+    p = numpy_params(an)
     ref = layer_norm(X.asnumpy() + Y.asnumpy(), p["norm.gamma"], p["norm.beta"], 1e-12)
     np.testing.assert_allclose(an(X, Y).asnumpy(), ref, rtol=1e-4, atol=1e-5)
     assert ffn(X).shape == (T, B, C)
@@ -82,7 +69,7 @@ def test_add_norm_and_ffn_shapes_and_values(ctx):
     lambda: EncoderBlock(C, FFN, H, dropout=0.1),
 ])
 def test_hybridized_equals_imperative_and_padding_is_masked(ctx, make):
-    blk = _init(make(), ctx)
+    blk = init_nontrivial(make(), ctx)
     X = _x(ctx, seed=4)
     vl = nd.array([4, 7, 2], ctx=ctx)
     imperative = [blk(X, vl).asnumpy(), blk(X, None).asnumpy()]
@@ -99,7 +86,7 @@ def test_hybridized_equals_imperative_and_padding_is_masked(ctx, make):
 
 
 def test_block_gradients_reach_every_parameter(ctx):
-    blk = _init(EncoderBlock(C, FFN, H, dropout=0.1), ctx)
+    blk = init_nontrivial(EncoderBlock(C, FFN, H, dropout=0.1), ctx)
     X = _x(ctx, seed=5)
     with autograd.record():
         loss = (blk(X, nd.array([7, 5, 3], ctx=ctx)) ** 2).sum()
@@ -109,7 +96,7 @@ def test_block_gradients_reach_every_parameter(ctx):
 
 
 def test_dropout_only_in_training(ctx):
-    blk = _init(EncoderBlock(C, FFN, H, dropout=0.3), ctx)
+    blk = init_nontrivial(EncoderBlock(C, FFN, H, dropout=0.3), ctx)
     X = _x(ctx, seed=6)
     a, b = blk(X).asnumpy(), blk(X).asnumpy()
     np.testing.assert_array_equal(a, b)

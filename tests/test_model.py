@@ -11,7 +11,7 @@ from mxnet import autograd, nd
 from bert_gluon import (BERTClassifier, BERTConfig, BERTEncoder, BERTForPretraining, BERTModel,
                         MLMDecoder, NSClassifier, PRESETS, Pooler)
 from bert_gluon.runtime import physical_cores
-from np_reference import erf_gelu, layer_norm, np_bert_encoder
+from np_reference import init_nontrivial, numpy_params, erf_gelu, layer_norm, np_bert_encoder
 
 CFG = BERTConfig(vocab_size=50, units=16, hidden_size=32, num_heads=4, num_layers=2,
                  max_length=24, dropout=0.1)
@@ -25,18 +25,6 @@ def _batch(ctx, B=3, T=9, seed=0, vocab=50):
     return words, segments
 
 
-def _numpy_params(block):
-    return {k: v.data().asnumpy().astype(np.float64)
-            for k, v in block._collect_params_with_prefix().items()}
-
-
-def _init(block, ctx):
-    block.initialize(mx.init.Normal(0.3), ctx=ctx)
-    for name, p in block.collect_params().items():
-        if name.endswith(("gamma", "beta", "bias")):
-            p.set_data(nd.random.normal(0.8 if name.endswith("gamma") else 0, 0.2,
-                                        shape=p.shape, ctx=ctx))
-    return block
 
 
 # --- the seed notebook's numbers ------------------------------------------------------------
@@ -60,11 +48,11 @@ def test_seed_shapes(ctx):
 
 # --- numbers against an independent reference -----------------------------------------------
 def test_encoder_matches_numpy_reference(ctx):
-    model = _init(BERTModel(CFG), ctx)
+    model = init_nontrivial(BERTModel(CFG), ctx)
     words, segments = _batch(ctx)
     vl = nd.array([9, 4, 6], ctx=ctx)
     seq, pooled = model(words, segments, vl)
-    p = _numpy_params(model)
+    p = numpy_params(model)
     ref = np_bert_encoder(words.asnumpy().astype(int), segments.asnumpy().astype(int), p,
                           CFG.num_layers, CFG.num_heads, vl.asnumpy())
     assert seq.shape == (3, 9, 16) and pooled.shape == (3, 16)
@@ -74,11 +62,11 @@ def test_encoder_matches_numpy_reference(ctx):
 
 
 def test_mlm_decoder_gathers_the_right_positions(ctx):
-    dec = _init(MLMDecoder(50, 16), ctx)
+    dec = init_nontrivial(MLMDecoder(50, 16), ctx)
     X = nd.array(np.random.RandomState(1).randn(2, 6, 16), ctx=ctx)
     positions = nd.array([[0, 5, 2], [3, 3, 1]], ctx=ctx)
     scores = dec(X, positions).asnumpy()
-    p = _numpy_params(dec)
+    p = numpy_params(dec)
     x = X.asnumpy().astype(np.float64)
     for b in range(2):
         for j, pos in enumerate(positions.asnumpy()[b].astype(int)):
@@ -115,7 +103,7 @@ def _call(name, model, words, segments, vl, positions):
 @pytest.mark.parametrize("name", ["model", "pretraining", "classifier"])
 def test_model_shapes_hybridize_and_masking(ctx, name):
     make, outputs = _models()[name]
-    model = _init(make(), ctx)
+    model = init_nontrivial(make(), ctx)
     words, segments = _batch(ctx, seed=3)
     vl = nd.array([9, 5, 2], ctx=ctx)
     positions = nd.array([[1, 8], [0, 4], [1, 1]], ctx=ctx)
@@ -148,7 +136,7 @@ def test_model_shapes_hybridize_and_masking(ctx, name):
 @pytest.mark.parametrize("name", ["model", "pretraining", "classifier"])
 def test_gradient_reaches_every_parameter(ctx, name):
     make, outputs = _models()[name]
-    model = _init(make(), ctx)
+    model = init_nontrivial(make(), ctx)
     model.hybridize()
     words, segments = _batch(ctx, seed=4)
     positions = nd.array([[1, 8], [0, 4], [2, 3]], ctx=ctx)
@@ -162,7 +150,7 @@ def test_gradient_reaches_every_parameter(ctx, name):
 
 
 def test_dropout_active_in_training(ctx):
-    model = _init(BERTClassifier(CFG, num_classes=2, dropout=0.5), ctx)
+    model = init_nontrivial(BERTClassifier(CFG, num_classes=2, dropout=0.5), ctx)
     words, segments = _batch(ctx, seed=5)
     infer = model(words, segments, None).asnumpy()
     with autograd.record(train_mode=True):
@@ -179,7 +167,7 @@ def test_sinusoidal_position_option(ctx):
 
 
 def test_pooler_takes_first_token(ctx):
-    pool = _init(Pooler(16), ctx)
+    pool = init_nontrivial(Pooler(16), ctx)
     X = nd.array(np.random.RandomState(3).randn(2, 5, 16), ctx=ctx)
     X2 = X.copy()
     X2[:, 1:] = 0
