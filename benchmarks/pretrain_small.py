@@ -83,13 +83,16 @@ def main() -> None:
     tok = Tokenizer.from_file(vocab)
 
     t0 = time.time()
-    train_meta = make_data(train_files, os.path.join(args.out, "data_train"), tok, args)
-    eval_meta = make_data(eval_files, os.path.join(args.out, "data_eval"), tok, args)
+    suffix = f"L{args.seq_len}P{args.max_predictions}"
+    train_dir = os.path.join(args.out, f"data_train_{suffix}")
+    eval_dir = os.path.join(args.out, f"data_eval_{suffix}")
+    train_meta = make_data(train_files, train_dir, tok, args)
+    eval_meta = make_data(eval_files, eval_dir, tok, args)
     print(f"data: {train_meta['stats']['instances']} train pairs, "
           f"{eval_meta['stats']['instances']} held-out pairs ({time.time() - t0:.0f} s)", flush=True)
 
-    train = PretrainingData.from_shards(os.path.join(args.out, "data_train"), tok)
-    eval_all, _ = load_shards(os.path.join(args.out, "data_eval"))
+    train = PretrainingData.from_shards(train_dir, tok)
+    eval_all, _ = load_shards(eval_dir)
     eval_arrays = {k: v[:args.eval_pairs] for k, v in eval_all.items()}
     eval_small = {k: v[:256] for k, v in eval_all.items()}
     config = BERTConfig.preset("small", vocab_size=len(tok))

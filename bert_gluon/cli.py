@@ -161,7 +161,102 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 # --- pre-training: create-pretraining-data, pretrain (owner: pretraining) --------------
 def _add_pretraining_commands(sub) -> None:
-    pass
+    p = sub.add_parser("create-pretraining-data",
+                       help="raw text -> masked-LM/next-sentence pairs in .npz shards (static)")
+    p.add_argument("inputs", nargs="+", help="text files or folders (WikiText, one sentence "
+                   "per line with blank lines between documents, or Gutenberg books)")
+    p.add_argument("--output", required=True, help="folder for shard-*.npz and meta.json")
+    p.add_argument("--vocab", default=None, help="vocab.txt (default $BERT_VOCAB or "
+                   "../shared/data/vocab/bert-base-uncased-vocab.txt)")
+    p.add_argument("--layout", default="auto", choices=["auto", "wikitext", "lines", "gutenberg"])
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument("--masked-lm-prob", type=float, default=0.15)
+    p.add_argument("--max-predictions-per-seq", type=int, default=20)
+    p.add_argument("--whole-word-masking", action="store_true")
+    p.add_argument("--dupe-factor", type=int, default=1, help="passes over the text, each "
+                   "masked differently")
+    p.add_argument("--num-workers", type=int, default=1, help="worker processes")
+    p.add_argument("--num-shards", type=int, default=None, help="default: --num-workers")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--errors", default="skip", choices=["skip", "strict"],
+                   help="lines that are not UTF-8: skip and count, or stop with file:line")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_create_pretraining_data)
+
+    p = sub.add_parser("pretrain", help="pre-train BERT (masked LM + next sentence)")
+    p.add_argument("--data", required=True, help="folder made by create-pretraining-data")
+    p.add_argument("--output-dir", required=True, help="checkpoint/, metrics.jsonl, final/")
+    p.add_argument("--eval-data", default=None, help="held-out folder made the same way")
+    p.add_argument("--max-eval-pairs", type=int, default=2048)
+    p.add_argument("--vocab", default=None, help="vocab.txt of the data (not with --init-from)")
+    p.add_argument("--preset", default="small", help="model shape from scratch (BERTConfig.preset)")
+    p.add_argument("--config", dest="config_path", default=None, help="BERTConfig JSON instead")
+    p.add_argument("--init-from", default=None, help="continue from pretrained weights, e.g. "
+                   "all-MiniLM-L6-v2 or a save_pretrained folder (fresh MLM/NSP heads if absent)")
+    p.add_argument("--dynamic-masking", action="store_true", help="re-mask every epoch")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per device and worker")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per update")
+    p.add_argument("--steps", dest="total_steps", type=int, default=10000)
+    p.add_argument("--lr", dest="learning_rate", type=float, default=1e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.01)
+    p.add_argument("--optimizer", default="bertadam", choices=["bertadam", "adamw", "lamb", "adam"])
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) "
+                   "after this much wall time")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue from output-dir/checkpoint")
+    p.add_argument("--gpus", default=None, help="e.g. 0,1 (kvstore 'device' all-reduces)")
+    p.add_argument("--kvstore", default="device", help="'device', or 'dist_sync' for several "
+                   "machines (launch: docs/pretraining.md)")
+    p.add_argument("--fp16", action="store_true", help="AMP fp16 with loss scaling (GPU)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_create_pretraining_data(args: argparse.Namespace) -> int:
+    import json
+
+    from .pretraining import default_vocab
+    from .pretraining_data import create_pretraining_data
+    from .tokenization import Tokenizer
+
+    meta = create_pretraining_data(
+        args.inputs, args.output, Tokenizer.from_file(args.vocab or default_vocab()),
+        max_seq_length=args.max_seq_length, short_seq_prob=args.short_seq_prob,
+        masked_lm_prob=args.masked_lm_prob, max_predictions_per_seq=args.max_predictions_per_seq,
+        whole_word_masking=args.whole_word_masking, dupe_factor=args.dupe_factor,
+        num_shards=args.num_shards, num_workers=args.num_workers, seed=args.seed,
+        layout=args.layout, errors=args.errors, progress=not args.no_progress)
+    print(json.dumps({k: meta[k] for k in ("stats", "seconds", "tokens_per_second", "shards")}))
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from .pretraining import run_pretraining
+
+    summary = run_pretraining(
+        args.data, args.output_dir, eval_data=args.eval_data, vocab=args.vocab,
+        preset=args.preset, config_path=args.config_path, init_from=args.init_from,
+        dynamic_masking=args.dynamic_masking, max_eval_pairs=args.max_eval_pairs,
+        gpus=[int(g) for g in args.gpus.split(",")] if args.gpus else None, fp16=args.fp16,
+        seed=args.seed, batch_size=args.batch_size, accumulate=args.accumulate,
+        total_steps=args.total_steps, learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup_ratio, optimizer=args.optimizer,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        log_every=args.log_every, stop_after=args.stop_after,
+        max_seconds=args.max_minutes * 60 if args.max_minutes else None, resume=args.resume,
+        kvstore=args.kvstore, progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from .fileio import JsonlLogger, write_json
 from .pretraining_data import BATCH_KEYS, PretrainingData, iterate_batches, num_batches
 
 __all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
-           "pretrain", "build_pretraining_model"]
+           "pretrain", "build_pretraining_model", "run_pretraining", "default_vocab"]
 
 Context = Union[mx.Context, Sequence[mx.Context]]
 
@@ -165,6 +165,29 @@ def _schedule_step(step: int, total_steps: int, t_start: float,
     return min(total_steps, max(step, by_time))
 
 
+def _sync_parameters(trainer, kv, key_base: int = 1 << 20) -> None:
+    """Give every distributed worker rank 0's parameters before the first step.
+
+    The ``Trainer``'s own initial broadcast in MXNet 1.9.1 can leave a worker with a wrong
+    copy of the *last* parameter (rank 0's initial push races the barrier; seen in
+    tests/test_distributed.py). So: let the trainer initialise its store, then push every
+    parameter once more under separate keys, wait for the pushes, barrier, pull, barrier.
+    """
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    params = trainer._params
+    for i, p in enumerate(params):
+        kv.init(key_base + i, p.data())
+    mx.nd.waitall()
+    kv._barrier()
+    for i, p in enumerate(params):
+        kv.pull(key_base + i, out=p.list_data())
+    mx.nd.waitall()
+    kv._barrier()
+
+
 def _rng_seed(seed: int, counter: int) -> int:
     return (seed * 1_000_003 + counter) % (2 ** 31 - 1)
 
@@ -236,12 +259,17 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
         log.log(event="resume", step=step, epoch=epoch, next_batch=next_batch)
     else:
         training.seed_everything(seed)
+    if num_workers > 1:
+        _sync_parameters(trainer, kv)
 
     global_bs = batch_size * len(ctxs)
     per_epoch = num_batches(train_data.arrays, global_bs, num_workers)
     if per_epoch < accumulate:
         raise ValueError(f"training data has {len(train_data)} pairs: fewer than one step of "
                          f"{accumulate} x {global_bs} per worker")
+    log.log(event="start", rank=rank, num_workers=num_workers, devices=[str(c) for c in ctxs],
+            pairs_total=len(train_data), pairs_per_worker_epoch=per_epoch * global_bs,
+            step=step, total_steps=total_steps, batch_size=batch_size, accumulate=accumulate)
 
     def save(reason: str) -> None:
         training.save_training_state(ckpt_dir, trainer, model, step=step, epoch=epoch,
@@ -338,3 +366,49 @@ def _log_eval(model, arrays, ctx, log: JsonlLogger, step: int) -> Dict[str, floa
     res = evaluate(model, arrays, ctx=ctx)
     log.log(event="eval", step=step, **res)
     return res
+
+
+def run_pretraining(data: str, output_dir: str, *, eval_data: Optional[str] = None,
+                    vocab: Optional[str] = None, preset: str = "small",
+                    config_path: Optional[str] = None, init_from: Optional[str] = None,
+                    dynamic_masking: bool = False, max_eval_pairs: int = 2048,
+                    gpus: Optional[Sequence[int]] = None, fp16: bool = False,
+                    seed: int = 0, **train_kwargs: Any) -> Dict[str, Any]:
+    """Everything ``bert-gluon pretrain`` does: load the tokenizer and the static data folder
+    (``create-pretraining-data``), build the model (``preset``/``config_path`` from scratch,
+    or ``init_from`` a pretrained checkpoint), then :func:`pretrain` (``train_kwargs``)."""
+    from .config import BERTConfig
+    from .pretraining_data import load_shards
+    from .tokenization import Tokenizer
+
+    ctxs = [mx.gpu(i) for i in gpus] if gpus else [mx.cpu()]
+    if fp16 and not training.enable_amp(ctxs[0]):
+        raise ValueError("--fp16 needs a GPU (--gpus)")
+    if init_from:
+        model, tokenizer = build_pretraining_model(init_from=init_from, ctx=ctxs, seed=seed)
+    else:
+        vocab = vocab or default_vocab()
+        tokenizer = Tokenizer.from_file(vocab)
+        config = (BERTConfig.from_json(config_path) if config_path
+                  else BERTConfig.preset(preset, vocab_size=len(tokenizer)))
+        if config.vocab_size != len(tokenizer):
+            raise ValueError(f"{config_path}: vocab_size {config.vocab_size} but {vocab} has "
+                             f"{len(tokenizer)} tokens")
+        model, _ = build_pretraining_model(config, ctx=ctxs, seed=seed)
+    train = PretrainingData.from_shards(data, tokenizer, dynamic=dynamic_masking, seed=seed)
+    if train.meta["max_seq_length"] > model.config.max_length:
+        raise ValueError(f"{data}: sequences of {train.meta['max_seq_length']} tokens exceed the "
+                         f"model's max_length {model.config.max_length}")
+    eval_arrays = None
+    if eval_data:
+        eval_all, _ = load_shards(eval_data)
+        eval_arrays = {k: v[:max_eval_pairs] for k, v in eval_all.items()}
+    return pretrain(model, train, output_dir, eval_arrays=eval_arrays, tokenizer=tokenizer,
+                    seed=seed, ctx=ctxs, fp16=fp16, **train_kwargs)
+
+
+def default_vocab() -> str:
+    """``$BERT_VOCAB`` or ``../shared/data/vocab/bert-base-uncased-vocab.txt`` (repo-relative)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("BERT_VOCAB") or os.path.join(
+        root, "..", "shared", "data", "vocab", "bert-base-uncased-vocab.txt")
