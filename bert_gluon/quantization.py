@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from typing import Iterable, List, Optional, Sequence, Tuple
+import random
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 from mxnet.base import NDArrayHandle, py_str
 
-__all__ = ["quantize_classifier", "CalibrationCollector"]
+__all__ = ["quantize_classifier", "quantize_checkpoint_model", "CalibrationCollector"]
 
 
 class CalibrationCollector:
@@ -143,11 +144,47 @@ def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
     if calib_mode == "naive":
         collector = CalibrationCollector(clip_gelu, logger)
         mode = "customize"
+    flags = dict(getattr(model, "_flags", []))      # export re-hybridizes with defaults
     qnet = quantize_net_v2(model, quantized_dtype=quantized_dtype, quantize_mode="full",
                            exclude_layers_match=exclude, exclude_operators=list(exclude_operators),
                            calib_data=loader,
                            calib_mode=mode, num_calib_examples=sum(len(b[0]) for b in batches),
                            ctx=ctx, LayerOutputCollector=collector, logger=logger)
+    model.hybridize(True, **flags)
     qnet.hybridize(static_alloc=True, static_shape=True)
     return qnet
 
+
+
+def quantize_checkpoint_model(model: mx.gluon.HybridBlock, tokenizer, meta: Dict[str, Any],
+                              train_file: Optional[str] = None, data_dir: Optional[str] = None,
+                              num_examples: int = 320, batch_size: int = 32, seed: int = 0,
+                              **kwargs) -> mx.gluon.SymbolBlock:
+    """INT8 version of a fine-tuned checkpoint, calibrated on ``num_examples`` random pairs
+    of the training data it was fine-tuned on (what ``evaluate/predict --int8`` call).
+
+    ``meta`` is the checkpoint's ``config.json`` (``model.meta``): its ``task`` (or
+    ``train_file``), ``text_columns``, ``label_column``, ``class_labels``, ``max_len`` and
+    ``pair`` choose and transform the calibration examples exactly as fine-tuning did.
+    Other keyword arguments go to :func:`quantize_classifier`.
+    """
+    from .data import (BERTDatasetTransform, load_task, make_dataloader, read_examples,
+                       transform_examples)
+
+    labels = meta.get("class_labels")
+    if train_file is None and not meta.get("task"):
+        raise ValueError("INT8 calibration needs training examples: the checkpoint names no "
+                         "task, so pass train_file (a TSV/CSV like the one it was trained on)")
+    if train_file is not None:
+        examples = read_examples(train_file, meta["text_columns"], meta.get("label_column"),
+                                 labels)
+    else:
+        examples = load_task(meta["task"], "train", data_dir)
+    chosen = random.Random(seed).sample(examples, min(num_examples, len(examples)))
+    transform = BERTDatasetTransform(tokenizer, int(meta.get("max_len", 128)), labels,
+                                     pad=False, pair=bool(meta.get("pair", True)))
+    samples = transform_examples(chosen, transform, desc="calibration")
+    loader = make_dataloader(samples, batch_size, tokenizer.pad_id, shuffle=False,
+                             regression=labels is None)
+    return quantize_classifier(model, loader, num_calib_examples=len(samples),
+                               batch_size=batch_size, **kwargs)

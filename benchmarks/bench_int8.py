@@ -1,0 +1,147 @@
+"""INT8 vs fp32 inference of a fine-tuned classifier: speed and MRPC dev accuracy.
+
+    python benchmarks/bench_int8.py --checkpoint runs/mrpc/best
+
+1. Load the fine-tuned checkpoint (``bert-gluon finetune`` writes ``<output_dir>/best``).
+2. Calibrate :func:`bert_gluon.quantization.quantize_checkpoint_model` on
+   ``--calib-examples`` random training pairs (the package's transform + bucketed loader).
+3. Score the dev set with both models through :func:`bert_gluon.finetuning.predict_scores`
+   (the same bucketed batches ``bert-gluon evaluate`` uses): accuracy and F1.
+4. Time both, alternating in one process, median of ``--repeats`` passes: over the dev set
+   (bucketed, batch ``--batch-size``) and over one fixed batch 32 x 128.
+
+Writes ``benchmarks/results/int8_<time>.json`` and prints one table.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import bert_gluon  # noqa: E402,F401  (OMP threads before mxnet)
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def newest_checkpoint(root: str = os.path.join(ROOT, "runs")) -> Optional[str]:
+    """The most recent ``runs/*/best`` folder, if any."""
+    found = glob.glob(os.path.join(root, "*", "best", "config.json"))
+    return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
+
+
+def time_alternating(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, List[float]]:
+    for fn in fns.values():          # warm-up: graph build and oneDNN primitives per shape
+        fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    from bert_gluon.checkpoints import from_pretrained
+    from bert_gluon.data import BERTDatasetTransform, load_task, transform_examples
+    from bert_gluon.fileio import write_json
+    from bert_gluon.finetuning import classification_metrics, predict_scores
+    from bert_gluon.quantization import quantize_checkpoint_model
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None,
+                   help="fine-tuned checkpoint folder (default: newest runs/*/best)")
+    p.add_argument("--task", default=None, help="task of the dev set (default: the checkpoint's)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--calib-examples", type=int, default=320)
+    p.add_argument("--calib-mode", default="naive", choices=["naive", "entropy"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    ckpt = args.checkpoint or newest_checkpoint()
+    if not ckpt or not os.path.isfile(os.path.join(ckpt, "config.json")):
+        p.error(f"no fine-tuned checkpoint at {ckpt!r}: run `bert-gluon finetune` first or "
+                f"pass --checkpoint")
+    ctx = mx.cpu()
+    model, tokenizer = from_pretrained(ckpt, task="classifier", ctx=ctx)
+    meta = getattr(model, "meta", {}) or {}
+    labels = meta.get("class_labels")
+    task = args.task or meta.get("task")
+    if not labels or not task:
+        p.error(f"{ckpt}: config.json lacks class_labels/task (not a fine-tuned classifier?)")
+    model.hybridize(static_alloc=True, static_shape=True)
+    transform = BERTDatasetTransform(tokenizer, int(meta.get("max_len", 128)), labels,
+                                     pad=False, pair=bool(meta.get("pair", True)))
+    t = time.perf_counter()
+    qnet = quantize_checkpoint_model(model, tokenizer, dict(meta, task=task),
+                                     data_dir=args.data_dir, num_examples=args.calib_examples,
+                                     batch_size=args.batch_size, calib_mode=args.calib_mode)
+    quantize_s = time.perf_counter() - t
+
+    dev = transform_examples(load_task(task, "dev", args.data_dir), transform, "dev")
+    gold = np.array([int(s[3]) for s in dev])
+    result: Dict = {"checkpoint": os.path.relpath(ckpt, ROOT), "task": task,
+                    "command": " ".join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
+                    "omp_num_threads": int(os.environ["OMP_NUM_THREADS"]),
+                    "load_avg_at_start": os.getloadavg(), "calib_examples": args.calib_examples,
+                    "calib_mode": args.calib_mode, "quantize_seconds": quantize_s,
+                    "dev_examples": len(dev), "metrics": {}, "speed": {}}
+    nets = {"fp32": model, "int8": qnet}
+    for name, net in nets.items():
+        scores = predict_scores(net, dev, tokenizer.pad_id, ctx, args.batch_size)
+        result["metrics"][name] = classification_metrics(gold, scores.argmax(1))
+        result.setdefault("agreement", []).append(scores.argmax(1))
+    result["agreement"] = float((result["agreement"][0] == result["agreement"][1]).mean())
+
+    rng = np.random.RandomState(0)
+    words = mx.nd.array(rng.randint(1000, tokenizer.vocab.__len__(), size=(32, 128)))
+    segments = mx.nd.array((np.arange(128) >= 64)[None, :].repeat(32, 0))
+    valid = mx.nd.full((32,), 128)
+    workloads = {
+        "dev set (bucketed)": (len(dev), {
+            n: (lambda net=net: predict_scores(net, dev, tokenizer.pad_id, ctx, args.batch_size))
+            for n, net in nets.items()}),
+        "batch 32 x 128": (32, {
+            n: (lambda net=net: net(words, segments, valid).wait_to_read())
+            for n, net in nets.items()}),
+    }
+    for wname, (nseq, fns) in workloads.items():
+        times = time_alternating(fns, args.repeats)
+        result["speed"][wname] = {n: {"times_s": ts, "seq_per_s": nseq / statistics.median(ts)}
+                                  for n, ts in times.items()}
+        result["speed"][wname]["int8_over_fp32"] = (result["speed"][wname]["int8"]["seq_per_s"]
+                                                    / result["speed"][wname]["fp32"]["seq_per_s"])
+    result["load_avg_at_end"] = os.getloadavg()
+
+    print(f"checkpoint {result['checkpoint']}  ({task} dev, {len(dev)} examples; calibrated on "
+          f"{args.calib_examples} train pairs, {args.calib_mode}, {quantize_s:.0f} s)")
+    print(f"{'':22s} {'fp32':>10s} {'int8':>10s}")
+    for m in ("accuracy", "f1"):
+        print(f"{'dev ' + m:22s} {result['metrics']['fp32'][m]:10.4f} "
+              f"{result['metrics']['int8'][m]:10.4f}")
+    print(f"{'same prediction':22s} {result['agreement']:21.4f}")
+    for wname, r in result["speed"].items():
+        print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f} {r['int8']['seq_per_s']:10.2f}"
+              f"   x{r['int8_over_fp32']:.2f}")
+    print(f"(median of {args.repeats} alternating passes, OMP_NUM_THREADS="
+          f"{result['omp_num_threads']}, load average {result['load_avg_at_start'][0]:.1f} -> "
+          f"{result['load_avg_at_end'][0]:.1f})")
+    out = args.out or os.path.join(HERE, "results",
+                                   time.strftime("int8_%Y%m%d_%H%M%S.json", time.gmtime()))
+    write_json(out, result)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
