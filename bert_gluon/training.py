@@ -160,6 +160,10 @@ def optimizer_step(trainer: gluon.Trainer, max_grad_norm: Optional[float] = 1.0,
     trainer.allreduce_grads()
     norm = None
     if max_grad_norm is not None:
+        if _AMP["on"]:   # clip the true gradient, not the loss-scaled one (AMP, GPU only)
+            from mxnet.contrib import amp
+
+            amp.unscale(trainer)
         # clip the *averaged* gradient: scale first so max_norm means the same for any accumulate
         if accumulate > 1:
             for p in params:
