@@ -28,7 +28,8 @@ Peak RSS: each candidate is run again alone in a fresh subprocess (imports, mode
 inference + 2 training steps on the fixed128 batch); its peak RSS (``VmHWM``) is reported.
 
 ``--fast-paths`` adds before/after runs of our model: no hybridization / plain
-``hybridize()`` / static_alloc+static_shape; fused attention vs a plain ``batch_dot``
+``hybridize()`` / static_alloc+static_shape; oneDNN subgraph fusion (``backend="MKLDNN"``,
+inference); fused attention vs a plain ``batch_dot``
 attention (defined only here); MRPC batches padded to 128 vs bucketed; a training loop
 reading the loss every step (host sync) vs not.
 
@@ -203,6 +204,8 @@ def ours_model(cfg: BERTConfig, hybridize: str = "static", fused: bool = True, s
             block.attention.hybrid_forward = types.MethodType(plain_attention, block.attention)
     if hybridize == "static":
         net.hybridize(static_alloc=True, static_shape=True)
+    elif hybridize == "onednn":          # + oneDNN subgraph fusion (FC+GELU...), inference only
+        net.hybridize(static_alloc=True, static_shape=True, backend="MKLDNN")
     elif hybridize == "plain":
         net.hybridize()
     return net
@@ -515,6 +518,11 @@ def fast_paths(cfg: BERTConfig, shape: str, args, mrpc: Dict[str, List[Batch]]) 
                                   MXNetCandidate(ours_model(cfg, "plain"), "hybridize()"),
                                   MXNetCandidate(ours_model(cfg, "static"), "static")],
                 fixed, train)
+        if not train:
+            compare("oneDNN subgraph fusion", [MXNetCandidate(ours_model(cfg), "static"),
+                                               MXNetCandidate(ours_model(cfg, "onednn"),
+                                                              "static+MKLDNN backend")],
+                    fixed, train)
         compare("attention", [MXNetCandidate(ours_model(cfg, fused=False), "batch_dot"),
                               MXNetCandidate(ours_model(cfg), "fused")], fixed, train)
         if mrpc:

@@ -132,3 +132,14 @@ def test_benchmark_flop_count_by_hand():
     # per layer: QKV+proj 4*C*C, FFN 2*C*H, scores+context 2*T*C per token; 2 FLOPs a MAC
     per_layer = 2 * 2 * 5 * (4 * 64 + 2 * 8 * 16) + 2 * 2 * 2 * 5 * 5 * 8
     assert bench.forward_flops(cfg, batch) == 3 * per_layer + 2 * 2 * 64
+
+
+def test_onednn_subgraph_fusion_keeps_outputs():
+    """hybridize(backend="MKLDNN") fuses dense + GELU etc. for inference; same numbers."""
+    ctx = mx.cpu()
+    ref, fused = _model(ctx), _model(ctx, seed=1)
+    _copy(ref, fused)
+    fused.hybridize(static_alloc=True, static_shape=True, backend="MKLDNN")
+    x = _inputs(3, 16, [16, 9, 4], ctx)
+    for a, b in zip(ref(*x), fused(*x)):
+        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), atol=1e-5, rtol=1e-5)
