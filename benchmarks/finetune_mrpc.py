@@ -10,7 +10,11 @@ training loop (tokenization and dev evaluation excluded).
     .venv/bin/python benchmarks/finetune_mrpc.py              # the full benchmark (~45 min)
     .venv/bin/python benchmarks/finetune_mrpc.py --seeds 1 --epochs 1 --max-train 256  # smoke
 
-Each run is a separate process (MXNet and torch do not share a process). Results go to
+Each run is a separate process (MXNet and torch do not share a process) and writes
+``benchmarks/results/finetune_mrpc_runs/<impl>-seed<N>.json``. ``--pairs-in-parallel`` runs
+ours and transformers for one seed *at the same time* (each with 2 threads) instead of one
+after the other: on a machine shared with other jobs both then see the same load.
+``--collect`` only summarizes the run files. The summary goes to
 ``benchmarks/results/finetune_mrpc.json`` and a table is printed.
 """
 from __future__ import annotations
@@ -120,51 +124,74 @@ def main() -> None:
     p.add_argument("--max-train", type=int, default=None, help="first N train pairs (smoke)")
     p.add_argument("--only", choices=["ours", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--pairs-in-parallel", action="store_true",
+                   help="run ours and transformers of one seed at the same time")
+    p.add_argument("--collect", action="store_true", help="only summarize existing run files")
     p.add_argument("--out", default=os.path.join(HERE, "results", "finetune_mrpc.json"))
     a = p.parse_args()
-    if a.only:  # child process: one run, JSON on the last line of stdout
+    if a.only:  # child process: one run, written to the runs folder
         result = run_ours(a) if a.only == "ours" else run_hf(a)
+        result.update(impl=a.only, seed=a.seed, epochs=a.epochs, max_train=a.max_train)
+        runs_dir = os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
+        os.makedirs(runs_dir, exist_ok=True)
+        with open(os.path.join(runs_dir, f"{a.only}-seed{a.seed}.json"), "w") as f:
+            json.dump(result, f, indent=2)
         print(json.dumps(result))
         return
 
+    runs_dir = os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
+    os.makedirs(runs_dir, exist_ok=True)
+    if not a.collect:
+        for seed in a.seeds:
+            procs = []
+            for impl in ("ours", "hf"):
+                cmd = [sys.executable, __file__, "--only", impl, "--seed", str(seed),
+                       "--epochs", str(a.epochs)]
+                if a.max_train:
+                    cmd += ["--max-train", str(a.max_train)]
+                env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+                log = open(os.path.join(runs_dir, f"{impl}-seed{seed}.log"), "w")
+                procs.append((impl, subprocess.Popen(cmd, env=env, stdout=log,
+                                                     stderr=subprocess.STDOUT)))
+                if not a.pairs_in_parallel:
+                    procs[-1][1].wait()
+            for impl, proc in procs:
+                if proc.wait():
+                    raise SystemExit(f"{impl} seed {seed} failed: see {runs_dir}")
     runs = []
     for seed in a.seeds:
         for impl in ("ours", "hf"):
-            cmd = [sys.executable, __file__, "--only", impl, "--seed", str(seed),
-                   "--epochs", str(a.epochs)]
-            if a.max_train:
-                cmd += ["--max-train", str(a.max_train)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-                raise SystemExit(f"{impl} seed {seed} failed")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            r.update(impl=impl, seed=seed)
+            path = os.path.join(runs_dir, f"{impl}-seed{seed}.json")
+            if not os.path.exists(path):
+                print(f"{impl:4s} seed {seed}: no result ({path})")
+                continue
+            with open(path) as f:
+                r = json.load(f)
             runs.append(r)
             print(f"{impl:4s} seed {seed}: acc {100 * r['accuracy']:.2f}  f1 {100 * r['f1']:.2f}  "
                   f"train {r['train_time']:.0f}s", flush=True)
-            os.makedirs(os.path.dirname(a.out), exist_ok=True)
-            with open(a.out + ".partial", "w") as f:
-                json.dump(runs, f, indent=2)
 
     table = {}
     for impl in ("ours", "hf"):
         rs = [r for r in runs if r["impl"] == impl]
-        table[impl] = {k: _stats([r[k] for r in rs]) for k in ("accuracy", "f1", "train_time")}
-    print(f"\n| implementation | dev accuracy % | dev F1 % | training wall time s |")
-    print(f"|---|---|---|---|")
+        if rs:
+            table[impl] = {k: _stats([r[k] for r in rs]) for k in ("accuracy", "f1", "train_time")}
+            table[impl]["seeds"] = [r["seed"] for r in rs]
+    print("\n| implementation | dev accuracy % | dev F1 % | training wall time s | seeds |")
+    print("|---|---|---|---|---|")
     for impl, name in (("ours", "bert_gluon (MXNet)"), ("hf", "transformers (torch)")):
+        if impl not in table:
+            continue
         t = table[impl]
         print(f"| {name} | {100 * t['accuracy'][0]:.1f} ± {100 * t['accuracy'][1]:.1f} "
               f"| {100 * t['f1'][0]:.1f} ± {100 * t['f1'][1]:.1f} "
-              f"| {t['train_time'][0]:.0f} ± {t['train_time'][1]:.0f} |")
+              f"| {t['train_time'][0]:.0f} ± {t['train_time'][1]:.0f} | {t['seeds']} |")
     import platform
 
     record = {"recipe": {"model": "all-MiniLM-L6-v2", "task": "mrpc", "epochs": a.epochs,
                          "batch_size": 32, "max_len": 128, "lr": 5e-5, "warmup_ratio": 0.1,
                          "weight_decay": 0.01, "seeds": a.seeds, "max_train": a.max_train,
-                         "threads": THREADS},
+                         "threads": THREADS, "pairs_in_parallel": a.pairs_in_parallel},
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
               "runs": runs, "summary": table}
     from importlib.metadata import version
@@ -172,8 +199,6 @@ def main() -> None:
     record["versions"] = {k: version(k) for k in ("mxnet", "gluonnlp", "torch", "transformers")}
     with open(a.out, "w") as f:
         json.dump(record, f, indent=2)
-    if os.path.exists(a.out + ".partial"):
-        os.remove(a.out + ".partial")
     print(f"\nwritten to {a.out}")
 
 
