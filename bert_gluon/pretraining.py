@@ -210,8 +210,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     ``output_dir/checkpoint``; ``resume=True`` continues from it. ``eval_every`` steps (and at
     the end) ``eval_arrays`` are evaluated. ``max_seconds`` stops early (with a checkpoint)
     once that much wall time has passed, and the learning rate then follows whichever of
-    steps or time is further along (a time budget is not bit-reproducible); ``stop_after`` stops after that step number as if
-    interrupted (tests use it). Metrics go to ``output_dir/metrics.jsonl``; with a
+    steps or time is further along (a time budget is not bit-reproducible); ``stop_after``
+    stops after that step number as if interrupted (tests use it). Metrics go to ``output_dir/metrics.jsonl``; with a
     ``tokenizer`` the final model is also written by ``save_pretrained`` to
     ``output_dir/final``.
 
