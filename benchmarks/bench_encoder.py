@@ -124,6 +124,37 @@ def mx_matmul_gflops(repeats: int = 10) -> float:
                       repeats)
 
 
+_THREAD_CHECK = """
+import os, statistics, sys, time
+if sys.argv[1] == "with":
+    import bert_gluon
+import mxnet as mx
+x = mx.nd.random.uniform(shape=(4096, 768))
+w = mx.nd.random.uniform(shape=(3072, 768))
+b = mx.nd.zeros((3072,))
+times = []
+for i in range(13):
+    t = time.perf_counter()
+    mx.nd.FullyConnected(x, w, b, num_hidden=3072).wait_to_read()
+    times.append(time.perf_counter() - t)
+print(os.environ.get("OMP_NUM_THREADS", "unset"),
+      2 * 4096 * 768 * 3072 / statistics.median(times[3:]) / 1e9)
+"""
+
+
+def thread_check() -> Dict[str, Dict]:
+    """FullyConnected GFLOP/s in fresh processes with no OMP_NUM_THREADS set: plain
+    ``import mxnet`` (MXNet's default pool) vs ``import bert_gluon`` first."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = {}
+    for mode in ("without", "with"):
+        proc = subprocess.run([sys.executable, "-c", _THREAD_CHECK, mode], cwd=ROOT,
+                              capture_output=True, text=True, env=env, check=True)
+        threads, gflops = proc.stdout.split()[-2:]
+        out[f"{mode}_import_bert_gluon"] = {"OMP_NUM_THREADS": threads, "gflops": float(gflops)}
+    return out
+
+
 def torch_matmul_gflops(repeats: int = 10) -> float:
     import torch
 
@@ -444,6 +475,11 @@ def run_benchmark(args) -> Dict:
           f"MXNet FullyConnected {result['peak_gflops']['mx_fully_connected']:.0f} GFLOP/s, "
           f"torch.matmul {result['peak_gflops']['torch_matmul']:.0f} GFLOP/s", flush=True)
     peak = result["peak_gflops"]["mx_fully_connected"]
+    if args.thread_check:
+        result["thread_check"] = thread_check()
+        print("thread check (fresh processes, OMP_NUM_THREADS unset): " + ", ".join(
+            f"{k} -> OMP_NUM_THREADS={v['OMP_NUM_THREADS']}, {v['gflops']:.0f} GFLOP/s"
+            for k, v in result["thread_check"].items()), flush=True)
 
     mrpc = {}
     if "mrpc" in args.workloads:
@@ -557,6 +593,9 @@ def print_table(result: Dict) -> None:
     print(f"command: {result['command']}")
     print(f"OMP_NUM_THREADS={result['omp_num_threads']}, peak GFLOP/s: "
           + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_gflops"].items()))
+    for k, v in result.get("thread_check", {}).items():
+        print(f"  {k}: OMP_NUM_THREADS={v['OMP_NUM_THREADS']}, FullyConnected "
+              f"{v['gflops']:.0f} GFLOP/s")
     header = (f"{'shape':9s} {'workload':8s} {'mode':5s} | {'ours':>8s} {'gluonnlp':>8s} "
               f"{'torch':>8s} | {'/gnlp':>5s} {'/torch':>6s} | ours %peak")
     print(header)
@@ -594,6 +633,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ROOT, "..", "shared", "data", "vocab", "bert-base-uncased-vocab.txt"))
     p.add_argument("--fast-paths", action="store_true", help="also time our fast paths on/off")
     p.add_argument("--no-rss", dest="rss", action="store_false")
+    p.add_argument("--no-thread-check", dest="thread_check", action="store_false",
+                   help="skip the with/without `import bert_gluon` matmul comparison")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
