@@ -284,7 +284,8 @@ def load_task(task: str, split: str, data_dir: Optional[str] = None, skip_bad: b
     labels)."""
     spec = get_task(task)
     if split not in spec.files:
-        raise ValueError(f"{spec.name}: unknown split {split!r}; choose one of {sorted(spec.files)}")
+        raise ValueError(f"{spec.name}: unknown split {split!r}; "
+                         f"choose one of {sorted(spec.files)}")
     path = os.path.join(task_dir(spec, data_dir), spec.files[split])
     label = None if split == "test" else spec.label_column
     return read_examples(path, spec.text_columns, label, spec.class_labels, skip_bad=skip_bad,

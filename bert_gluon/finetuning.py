@@ -375,7 +375,8 @@ def predict(checkpoint: str, inputs: Sequence[Sequence[str]], batch_size: int = 
     rows = [(x,) if isinstance(x, str) else tuple(x) for x in inputs]
     for i, row in enumerate(rows):
         if len(row) != (2 if pair else 1) or not all(str(t).strip() for t in row):
-            raise ValueError(f"input {i + 1}: expected {'two non-empty sentences' if pair else 'one non-empty sentence'}, got {row!r}")
+            want = "two non-empty sentences" if pair else "one non-empty sentence"
+            raise ValueError(f"input {i + 1}: expected {want}, got {row!r}")
     transform = BERTDatasetTransform(tokenizer, int(meta["max_len"]), labels, has_label=False,
                                      pad=False, pair=pair)
     samples = [transform(r) for r in rows]

@@ -34,12 +34,13 @@ from .runtime import seed_everything
 
 __all__ = ["OPTIMIZERS", "no_weight_decay", "create_trainer", "WarmupLinearSchedule",
            "trainable_params", "set_grad_accumulation", "zero_grad", "clip_gradients",
-           "optimizer_step", "backward", "enable_amp", "amp_init_trainer", "seed_everything", "get_rng_state",
-           "set_rng_state", "save_training_state", "load_training_state"]
+           "optimizer_step", "backward", "enable_amp", "amp_init_trainer", "seed_everything",
+           "get_rng_state", "set_rng_state", "save_training_state", "load_training_state"]
 
 # optimizer names accepted by ``create_trainer`` -> MXNet registry names.
 # "bertadam"/"adamw": Adam with *decoupled* weight decay (GluonNLP's BERTAdam, as in
-# Devlin et al. and Loshchilov & Hutter); "lamb": layer-wise adaptive moments (You et al. 2019) for large batches;
+# Devlin et al. and Loshchilov & Hutter; no bias correction, like BERT's own optimizer);
+# "lamb": layer-wise adaptive moments (You et al. 2019) for large batches;
 # "adam": plain Adam (weight decay as L2 in the gradient).
 OPTIMIZERS = {"bertadam": "bertadam", "adamw": "bertadam", "lamb": "lamb", "adam": "adam"}
 

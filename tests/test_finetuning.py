@@ -34,7 +34,8 @@ def test_classification_metrics_by_hand():
     m = classification_metrics([1, 0], [0, 0])
     assert (m["accuracy"], m["f1"]) == (0.5, 0.0)
     # positive class 0: TP=1 (index 2), FP=1 (index 1), FN=1 (index 3) -> F1 = 1/2
-    assert classification_metrics([1, 1, 0, 0], [1, 0, 0, 1], positive=0)["f1"] == pytest.approx(0.5)
+    m = classification_metrics([1, 1, 0, 0], [1, 0, 0, 1], positive=0)
+    assert m["f1"] == pytest.approx(0.5)
     r = finetuning.regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 5.0])
     assert r["mse"] == pytest.approx(4 / 3) and r["pearson"] == pytest.approx(np.corrcoef(
         [1, 2, 3], [1, 2, 5])[0, 1])
