@@ -89,7 +89,8 @@ def main() -> None:
     train_meta = make_data(train_files, train_dir, tok, args)
     eval_meta = make_data(eval_files, eval_dir, tok, args)
     print(f"data: {train_meta['stats']['instances']} train pairs, "
-          f"{eval_meta['stats']['instances']} held-out pairs ({time.time() - t0:.0f} s)", flush=True)
+          f"{eval_meta['stats']['instances']} held-out pairs ({time.time() - t0:.0f} s)",
+          flush=True)
 
     train = PretrainingData.from_shards(train_dir, tok)
     eval_all, _ = load_shards(eval_dir)

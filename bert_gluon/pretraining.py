@@ -20,7 +20,6 @@ scaling through MXNet AMP on GPU (``fp16=True``; not exercised by the CPU-only t
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -31,7 +30,7 @@ from mxnet.gluon import HybridBlock
 
 from . import training
 from .fileio import JsonlLogger, write_json
-from .pretraining_data import BATCH_KEYS, PretrainingData, iterate_batches, num_batches
+from .pretraining_data import PretrainingData, iterate_batches, num_batches
 
 __all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
            "pretrain", "build_pretraining_model", "run_pretraining", "default_vocab"]
@@ -211,9 +210,9 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     the end) ``eval_arrays`` are evaluated. ``max_seconds`` stops early (with a checkpoint)
     once that much wall time has passed, and the learning rate then follows whichever of
     steps or time is further along (a time budget is not bit-reproducible); ``stop_after``
-    stops after that step number as if interrupted (tests use it). Metrics go to ``output_dir/metrics.jsonl``; with a
-    ``tokenizer`` the final model is also written by ``save_pretrained`` to
-    ``output_dir/final``.
+    stops after that step number as if interrupted (tests use it). Metrics go to
+    ``output_dir/metrics.jsonl``; with a ``tokenizer`` the final model is also written by
+    ``save_pretrained`` to ``output_dir/final``.
 
     ``kvstore``: ``"device"`` for one machine (all contexts in ``ctx``), ``"dist_sync"`` for
     several (start the processes as in ``docs/pretraining.md``; each worker reads its own
@@ -221,7 +220,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     Returns a summary: steps, tokens/s, last training and evaluation metrics.
     """
     ctxs = _ctx_list(ctx)
-    kv = mx.kv.create(kvstore) if isinstance(kvstore, str) and kvstore.startswith("dist") else kvstore
+    distributed = isinstance(kvstore, str) and kvstore.startswith("dist")
+    kv = mx.kv.create(kvstore) if distributed else kvstore
     rank, num_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
     if num_workers > 1:
         output_dir = os.path.join(output_dir, f"worker-{rank}")

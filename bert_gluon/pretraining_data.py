@@ -266,7 +266,8 @@ def expand_paths(paths: Sequence[str]) -> List[str]:
     files: List[str] = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(p, "*.txt")) + glob.glob(os.path.join(p, "*.tokens")))
+            found = sorted(glob.glob(os.path.join(p, "*.txt"))
+                           + glob.glob(os.path.join(p, "*.tokens")))
             files.extend(f for f in found if os.path.basename(f) != "SOURCE.md")
         elif os.path.isfile(p):
             files.append(p)
@@ -314,7 +315,8 @@ def _set_worker_state(tokenizer=None, docs=None) -> None:
 
 
 def tokenize_documents(docs: Sequence[Document], tokenizer, num_workers: int = 1,
-                       stats: Optional[CorpusStats] = None, progress: bool = False) -> List[IdDocument]:
+                       stats: Optional[CorpusStats] = None,
+                       progress: bool = False) -> List[IdDocument]:
     """WordPiece ids of every sentence; documents left empty are dropped and counted."""
     stats = stats if stats is not None else CorpusStats()
     if num_workers <= 1:
