@@ -302,8 +302,22 @@ def read_corpus(paths: Sequence[str], layout: str = "auto", stats: Optional[Corp
 _TOKENIZER = None
 
 
+UNKNOWN_MARKERS = ("<unk>",)   # WikiText's placeholder for rare words -> [UNK]
+
+
+def _encode(text: str) -> List[int]:
+    """WordPiece ids of ``text``; WikiText's ``<unk>`` becomes ``[UNK]`` (not ``< un ##k >``)."""
+    for marker in UNKNOWN_MARKERS:
+        if marker in text:
+            ids: List[int] = []
+            for k, part in enumerate(text.split(marker)):
+                ids += ([_TOKENIZER.unk_id] if k else []) + _TOKENIZER.encode(part)
+            return ids
+    return _TOKENIZER.encode(text)
+
+
 def _tokenize_one(doc: Document) -> IdDocument:
-    return [ids for ids in (_TOKENIZER.encode(s) for s in doc) if ids]
+    return [ids for ids in (_encode(s) for s in doc) if ids]
 
 
 def _set_worker_state(tokenizer=None, docs=None) -> None:

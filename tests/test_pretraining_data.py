@@ -73,6 +73,12 @@ def test_read_wikitext_documents_and_headings(tmp_path):
     assert pdm.detect_layout(str(path)) == "wikitext"
 
 
+def test_wikitext_unk_becomes_the_unknown_token(tmp_path, tiny_tokenizer):
+    docs = pdm.tokenize_documents([["w1 <unk> w2 .", "<unk>"]], tiny_tokenizer)
+    w1, w2, dot = tiny_tokenizer.encode("w1 w2 .")
+    assert docs == [[[w1, tiny_tokenizer.unk_id, w2, dot], [tiny_tokenizer.unk_id]]]
+
+
 def test_read_sentence_per_line(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("First doc one.\nFirst doc two.\n\n\n\nSecond doc.\n", encoding="utf-8")
