@@ -139,6 +139,18 @@ def test_resume_is_exact(tokenizer, tmp_path):
     assert "resume" in events
 
 
+def test_lamb_optimizer_trains(tokenizer, tmp_path):
+    model, _ = build_pretraining_model(TINY, seed=0)
+    before = _params(model)
+    summary = pretrain(model, tiny_data(tokenizer), str(tmp_path), optimizer="lamb",
+                       batch_size=4, total_steps=3, learning_rate=1e-2, warmup_ratio=0.0,
+                       log_every=1, progress=False)
+    after = _params(model)
+    assert summary["steps"] == 3 and np.isfinite(summary["train"]["mlm_loss"])
+    assert not np.array_equal(before["encoder.word_embed.weight"],
+                              after["encoder.word_embed.weight"])
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoint"):
         _train(tokenizer, tmp_path, resume=True)
