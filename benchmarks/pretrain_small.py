@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--eval-pairs", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "pretrain_small"))
+    p.add_argument("--run-name", default="train", help="folder under --out for this run")
     p.add_argument("--result", default=os.path.join(HERE, "results", "pretrain_small.json"))
     args = p.parse_args()
 
@@ -103,7 +104,7 @@ def main() -> None:
     budget = args.minutes * 60
     total_steps = args.max_steps
     model, _ = build_pretraining_model(config, seed=args.seed)
-    run_dir = os.path.join(args.out, "train")
+    run_dir = os.path.join(args.out, args.run_name)
     summary = pretrain(model, train, run_dir, eval_arrays=eval_small, tokenizer=tok,
                        batch_size=args.batch_size, total_steps=total_steps,
                        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
@@ -112,8 +113,8 @@ def main() -> None:
     final = evaluate(model, eval_arrays, ctx=mx.cpu())
     baseline = most_frequent_token_baseline(train.arrays, eval_arrays)
     result = {
-        "command": "nice -n 5 nohup .venv/bin/python benchmarks/pretrain_small.py "
-                   + " ".join(sys.argv[1:]),
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} nice -n 5 nohup "
+                   ".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]),
         "model": dict(preset="small", **config.to_dict()),
         "train_books": [os.path.basename(b) for b in train_files],
         "held_out_books": list(HELD_OUT),
