@@ -27,6 +27,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import bert_gluon  # noqa: E402,F401  (OMP threads before mxnet)
+from bert_gluon import PRESETS, BERTClassifier, BERTConfig  # noqa: E402
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -65,16 +66,30 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--calib-mode", default="naive", choices=["naive", "entropy"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--shape", default=None, choices=sorted(PRESETS),
+                   help="speed only: a randomly initialized classifier of this shape instead of "
+                        "a checkpoint (calibrated on MRPC; its dev 'accuracy' means nothing)")
+    p.add_argument("--vocab", default=os.environ.get("BERT_VOCAB") or os.path.join(
+        ROOT, "..", "shared", "data", "vocab", "bert-base-uncased-vocab.txt"))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    ckpt = args.checkpoint or newest_checkpoint()
-    if not ckpt or not os.path.isfile(os.path.join(ckpt, "config.json")):
-        p.error(f"no fine-tuned checkpoint at {ckpt!r}: run `bert-gluon finetune` first or "
-                f"pass --checkpoint")
     ctx = mx.cpu()
-    model, tokenizer = from_pretrained(ckpt, task="classifier", ctx=ctx)
-    meta = getattr(model, "meta", {}) or {}
+    if args.shape:
+        from bert_gluon.tokenization import Tokenizer
+
+        ckpt = f"random {args.shape}"
+        model = BERTClassifier(BERTConfig.preset(args.shape), num_classes=2)
+        model.initialize(ctx=ctx)
+        tokenizer = Tokenizer.from_file(args.vocab)
+        meta = {"task": "mrpc", "class_labels": ["0", "1"], "max_len": 128, "pair": True}
+    else:
+        ckpt = args.checkpoint or newest_checkpoint()
+        if not ckpt or not os.path.isfile(os.path.join(ckpt, "config.json")):
+            p.error(f"no fine-tuned checkpoint at {ckpt!r}: run `bert-gluon finetune` first or "
+                    f"pass --checkpoint")
+        model, tokenizer = from_pretrained(ckpt, task="classifier", ctx=ctx)
+        meta = getattr(model, "meta", {}) or {}
     labels = meta.get("class_labels")
     task = args.task or meta.get("task")
     if not labels or not task:
@@ -90,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
     dev = transform_examples(load_task(task, "dev", args.data_dir), transform, "dev")
     gold = np.array([int(s[3]) for s in dev])
-    result: Dict = {"checkpoint": os.path.relpath(ckpt, ROOT), "task": task,
+    result: Dict = {"checkpoint": ckpt if args.shape else os.path.relpath(ckpt, ROOT),
+                    "task": task,
                     "command": " ".join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
                     "omp_num_threads": int(os.environ["OMP_NUM_THREADS"]),
                     "load_avg_at_start": os.getloadavg(), "calib_examples": args.calib_examples,
