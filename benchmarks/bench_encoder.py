@@ -61,7 +61,8 @@ if "--rss-child=torch" not in sys.argv:      # the torch RSS run must not load M
     import bert_gluon  # noqa: E402,F401  (sets OMP_NUM_THREADS to the physical cores)
     from bert_gluon import BERTConfig  # noqa: E402
 
-Batch = Tuple[np.ndarray, np.ndarray, np.ndarray]      # words (B,T), segments (B,T), valid_length (B,)
+# words (B, T), segments (B, T), valid_length (B,)
+Batch = Tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 # --------------------------------------------------------------------------- workloads
@@ -94,7 +95,8 @@ def mrpc_batches(n_examples: int, batch_size: int, layout: str, vocab: str,
 
 def fixed_batch(batch_size: int, length: int, vocab_size: int, seed: int = 0) -> List[Batch]:
     rng = np.random.RandomState(seed)
-    words = rng.randint(min(1000, vocab_size // 2), vocab_size, size=(batch_size, length)).astype(np.float32)
+    low = min(1000, vocab_size // 2)
+    words = rng.randint(low, vocab_size, size=(batch_size, length)).astype(np.float32)
     segments = np.zeros_like(words)
     segments[:, length // 2:] = 1
     return [(words, segments, np.full((batch_size,), length, dtype=np.float32))]

@@ -147,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
               f"{result['metrics']['int8'][m]:10.4f}")
     print(f"{'same prediction':22s} {result['agreement']:21.4f}")
     for wname, r in result["speed"].items():
-        print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f} {r['int8']['seq_per_s']:10.2f}"
+        print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f} "
+              f"{r['int8']['seq_per_s']:10.2f}"
               f"   x{r['int8_over_fp32']:.2f}")
     print(f"(median of {args.repeats} alternating passes, OMP_NUM_THREADS="
           f"{result['omp_num_threads']}, load average {result['load_avg_at_start'][0]:.1f} -> "

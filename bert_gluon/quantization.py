@@ -9,9 +9,13 @@ and those ranges become the fixed INT8 scales (``calib_mode="naive"``: min/max):
     qnet = quantize_classifier(model, loader)                # a hybridized SymbolBlock
     logits = qnet(words, segments, valid_length)             # same call as the fp32 model
 
-This follows GluonNLP 0.10's ``scripts/bert`` recipe (``quantize_net_v2`` with the
-``MKLDNN_QUANTIZE`` backend, residual ``elemwise_add`` kept in fp32, GELU outputs clipped
-so a rare outlier does not waste the 8-bit range).
+This follows GluonNLP 0.10's ``scripts/bert`` recipe: ``quantize_net_v2`` with the
+``MKLDNN_QUANTIZE`` backend and min/max calibration where GELU output ranges are clipped
+(at 10) so a rare outlier does not waste the 8-bit range. What stays fp32: LayerNorm,
+softmax, the attention-weights x values GEMM (MXNet 1.9.1's quantized ``selfatt_valatt``
+rejects the int8 softmax output), the pooler's tanh and, by default, the final classifier.
+On CPUs without VNNI (AVX2 only) expect well under 2x over fp32, and prefer fixed input
+shapes: each new shape costs a oneDNN set-up of the quantized graph.
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ class CalibrationCollector:
             return
         arr = mx.nd.NDArray(ctypes.cast(arr, NDArrayHandle), writable=False)
         lo, hi = float(mx.nd.min(arr).asscalar()), float(mx.nd.max(arr).asscalar())
-        if self.clip_gelu is not None and "gelu" in name.lower():
+        # GELU is fused into its dense layer ("..._fully_connected_eltwise_N") by oneDNN
+        if self.clip_gelu is not None and ("gelu" in name.lower() or "eltwise" in name):
             hi = min(hi, self.clip_gelu)
         if name in self.min_max_dict:
             old_lo, old_hi = self.min_max_dict[name]
@@ -98,9 +103,10 @@ def _as_batches(calib_data: Iterable, batch_size: Optional[int],
 def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
                         num_calib_examples: Optional[int] = 320, batch_size: Optional[int] = 32,
                         calib_mode: str = "naive", clip_gelu: Optional[float] = 10.0,
-                        exclude_layers_match: Sequence[str] = ("elemwise_add",),
+                        exclude_layers_match: Sequence[str] = (),
                         exclude_operators: Sequence[str] = ("_sg_mkldnn_selfatt_valatt",),
-                        quantize_output: bool = False, quantized_dtype: str = "int8", ctx: mx.Context = mx.cpu(),
+                        quantize_output: bool = False, quantized_dtype: str = "int8",
+                        ctx: mx.Context = mx.cpu(),
                         logger: Optional[logging.Logger] = None) -> mx.gluon.SymbolBlock:
     """Post-training INT8 quantization of a classifier called as ``model(words, segments,
     valid_length)`` (e.g. :class:`~bert_gluon.model.BERTClassifier`).
@@ -115,11 +121,12 @@ def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
         calib_mode: ``"naive"`` (min/max of each layer output, with GELU clipping) or
             ``"entropy"`` (KL-divergence thresholds; slower, sometimes more accurate).
         clip_gelu: upper bound for GELU output ranges (``None``: no clipping); naive mode only.
-        exclude_layers_match: substrings of node names kept in fp32.
+        exclude_layers_match: substrings of node names kept in fp32, e.g. ``("_plus",)`` for
+            the residual additions (quantized by default).
         exclude_operators: operator types kept in fp32.
         quantize_output: also quantize the final classification layer (default: keep fp32).
-        quantized_dtype: ``"int8"`` (signed activations everywhere; works for every layer) or
-            ``"auto"`` (uint8 after non-negative outputs).
+        quantized_dtype: ``"int8"`` (signed activations everywhere). ``"auto"`` (uint8 after
+            non-negative outputs) fails on this graph in MXNet 1.9.1 (type mismatch).
         ctx: only CPU is supported (oneDNN).
 
     Returns:
