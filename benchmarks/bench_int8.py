@@ -71,6 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                         "a checkpoint (calibrated on MRPC; its dev 'accuracy' means nothing)")
     p.add_argument("--vocab", default=os.environ.get("BERT_VOCAB") or os.path.join(
         ROOT, "..", "shared", "data", "vocab", "bert-base-uncased-vocab.txt"))
+    p.add_argument("--no-speed", dest="speed", action="store_false",
+                   help="accuracy only: skip the timing passes")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -131,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             n: (lambda net=net: net(words, segments, valid).wait_to_read())
             for n, net in nets.items()}),
     }
-    for wname, (nseq, fns) in workloads.items():
+    for wname, (nseq, fns) in (workloads.items() if args.speed else ()):
         times = time_alternating(fns, args.repeats)
         result["speed"][wname] = {n: {"times_s": ts, "seq_per_s": nseq / statistics.median(ts)}
                                   for n, ts in times.items()}
