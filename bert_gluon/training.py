@@ -19,6 +19,7 @@ MXNet's asynchronous engine until the caller decides to log.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -37,12 +38,35 @@ __all__ = ["OPTIMIZERS", "no_weight_decay", "create_trainer", "WarmupLinearSched
            "optimizer_step", "backward", "enable_amp", "amp_init_trainer", "seed_everything",
            "get_rng_state", "set_rng_state", "save_training_state", "load_training_state"]
 
+
+@mx.optimizer.Optimizer.register
+class BiasCorrectedAdamW(gluonnlp.optimizer.BERTAdam):
+    """AdamW *with* bias correction (Loshchilov & Hutter; ``torch.optim.AdamW``).
+
+    BERTAdam's fused kernel does ``w -= lr * (m / (sqrt(v) + eps) + wd * w)`` with raw moments.
+    Scaling ``lr`` by ``c_t = sqrt(1 - beta2^t) / (1 - beta1^t)`` (and ``wd`` by ``1 / c_t``, so
+    the decay term is unchanged) gives ``lr * m_hat / (sqrt(v_hat) + eps / sqrt(1 - beta2^t))``,
+    the bias-corrected update, in the same single kernel call.
+    """
+
+    def _correction(self, index) -> float:
+        t = self._index_update_count[index]
+        return math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+
+    def _get_lrs(self, indices):
+        return [lr * self._correction(i) for lr, i in zip(super()._get_lrs(indices), indices)]
+
+    def _get_wds(self, indices):
+        return [wd / self._correction(i) for wd, i in zip(super()._get_wds(indices), indices)]
+
+
 # optimizer names accepted by ``create_trainer`` -> MXNet registry names.
-# "bertadam"/"adamw": Adam with *decoupled* weight decay (GluonNLP's BERTAdam, as in
-# Devlin et al. and Loshchilov & Hutter; no bias correction, like BERT's own optimizer);
+# "bertadam": Adam with *decoupled* weight decay and no bias correction (GluonNLP's BERTAdam,
+# like BERT's own optimizer); "adamw": the same with bias correction (torch's AdamW);
 # "lamb": layer-wise adaptive moments (You et al. 2019) for large batches;
 # "adam": plain Adam (weight decay as L2 in the gradient).
-OPTIMIZERS = {"bertadam": "bertadam", "adamw": "bertadam", "lamb": "lamb", "adam": "adam"}
+OPTIMIZERS = {"bertadam": "bertadam", "adamw": "biascorrectedadamw", "lamb": "lamb",
+              "adam": "adam"}
 
 
 def no_weight_decay(name: str) -> bool:
