@@ -42,7 +42,8 @@ def run_ours(a: argparse.Namespace) -> dict:
     out = tempfile.mkdtemp(prefix=f"ours-seed{a.seed}-")
     s = finetune(FinetuneArgs(task="mrpc", model="all-MiniLM-L6-v2", output_dir=out,
                               epochs=a.epochs, batch_size=32, max_len=128, lr=5e-5,
-                              warmup_ratio=0.1, weight_decay=0.01, seed=a.seed,
+                              warmup_ratio=0.1, weight_decay=0.01, optimizer=a.optimizer,
+                              seed=a.seed,
                               max_train_examples=a.max_train, progress=False))
     last = s["last_dev"]
     return {"accuracy": last["accuracy"], "f1": last["f1"], "train_time": s["train_time"],
@@ -126,12 +127,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--pairs-in-parallel", action="store_true",
                    help="run ours and transformers of one seed at the same time")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam"],
+                   help="ours: bias-corrected AdamW (as torch) or BERT's uncorrected BERTAdam")
     p.add_argument("--collect", action="store_true", help="only summarize existing run files")
     p.add_argument("--out", default=os.path.join(HERE, "results", "finetune_mrpc.json"))
     a = p.parse_args()
     if a.only:  # child process: one run, written to the runs folder
         result = run_ours(a) if a.only == "ours" else run_hf(a)
-        result.update(impl=a.only, seed=a.seed, epochs=a.epochs, max_train=a.max_train)
+        result.update(impl=a.only, seed=a.seed, epochs=a.epochs, max_train=a.max_train,
+                      optimizer=a.optimizer if a.only == "ours" else "torch AdamW")
         runs_dir = os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
         os.makedirs(runs_dir, exist_ok=True)
         with open(os.path.join(runs_dir, f"{a.only}-seed{a.seed}.json"), "w") as f:
@@ -146,7 +150,7 @@ def main() -> None:
             procs = []
             for impl in ("ours", "hf"):
                 cmd = [sys.executable, __file__, "--only", impl, "--seed", str(seed),
-                       "--epochs", str(a.epochs)]
+                       "--epochs", str(a.epochs), "--optimizer", a.optimizer]
                 if a.max_train:
                     cmd += ["--max-train", str(a.max_train)]
                 env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
@@ -190,7 +194,7 @@ def main() -> None:
 
     record = {"recipe": {"model": "all-MiniLM-L6-v2", "task": "mrpc", "epochs": a.epochs,
                          "batch_size": 32, "max_len": 128, "lr": 5e-5, "warmup_ratio": 0.1,
-                         "weight_decay": 0.01, "seeds": a.seeds, "max_train": a.max_train,
+                         "weight_decay": 0.01, "optimizer": a.optimizer, "seeds": a.seeds, "max_train": a.max_train,
                          "threads": THREADS, "pairs_in_parallel": a.pairs_in_parallel},
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
               "runs": runs, "summary": table}

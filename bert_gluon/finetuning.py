@@ -58,7 +58,7 @@ class FinetuneArgs:
     lr: float = 5e-5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    optimizer: str = "bertadam"
+    optimizer: str = "adamw"               # bias-corrected, as torch.optim.AdamW (HF recipe)
     max_grad_norm: Optional[float] = 1.0
     accumulate: int = 1
     seed: int = 1
