@@ -194,7 +194,8 @@ def main() -> None:
 
     record = {"recipe": {"model": "all-MiniLM-L6-v2", "task": "mrpc", "epochs": a.epochs,
                          "batch_size": 32, "max_len": 128, "lr": 5e-5, "warmup_ratio": 0.1,
-                         "weight_decay": 0.01, "optimizer": a.optimizer, "seeds": a.seeds, "max_train": a.max_train,
+                         "weight_decay": 0.01, "optimizer": a.optimizer, "seeds": a.seeds,
+                         "max_train": a.max_train,
                          "threads": THREADS, "pairs_in_parallel": a.pairs_in_parallel},
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
               "runs": runs, "summary": table}
