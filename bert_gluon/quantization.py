@@ -14,8 +14,8 @@ This follows GluonNLP 0.10's ``scripts/bert`` recipe: ``quantize_net_v2`` with t
 (at 10) so a rare outlier does not waste the 8-bit range. What stays fp32: LayerNorm,
 softmax, the attention-weights x values GEMM (MXNet 1.9.1's quantized ``selfatt_valatt``
 rejects the int8 softmax output), the pooler's tanh and, by default, the final classifier.
-On CPUs without VNNI (AVX2 only) expect well under 2x over fp32, and prefer fixed input
-shapes: each new shape costs a oneDNN set-up of the quantized graph.
+On CPUs without VNNI (AVX2 only) expect well under 2x over fp32 (1.3-1.4x measured for
+MiniLM here; see benchmarks/README.md).
 """
 from __future__ import annotations
 
