@@ -32,7 +32,7 @@ def test_committed_outputs_come_from_one_run_in_order(name):
         errors = [o for o in cell.outputs if o.output_type == "error"]
         assert not errors, f"{name}: code cell {i} raised {errors[0].ename}"
     figures = sum(1 for c in code for o in c.outputs if "image/png" in o.get("data", {}))
-    assert figures >= 2, f"{name}: expected plots in the committed outputs, found {figures}"
+    assert figures >= 1, f"{name}: expected plots in the committed outputs, found none"
 
 
 @pytest.mark.slow
