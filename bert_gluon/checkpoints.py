@@ -382,6 +382,17 @@ def _load_vocab_checked(path: str, lower: bool) -> Tokenizer:
         raise CheckpointError(str(e)) from None
 
 
+def _loaded_from(world: str, tensors: Dict[str, np.ndarray], config: BERTConfig,
+                 tokenizer: Tokenizer, weights_path: str, vocab_path: str,
+                 config_path: str) -> _Loaded:
+    """Rename ``world``'s tensors to ours (validating them) and bundle what was loaded."""
+    table = name_map(world, config.num_layers)
+    state, source = _rename(tensors, table, weights_path, config.num_layers)
+    _drop_tied(state)
+    return _Loaded(config, tokenizer, state, source, weights_path, vocab_path, config_path,
+                   naming=table)
+
+
 def load_hf_folder(directory: str) -> _Loaded:
     """Read a Hugging Face BERT folder (``config.json``, ``model.safetensors`` — or its
     sharded ``.index.json`` — or ``pytorch_model.bin``, ``vocab.txt``) into numpy, renamed
@@ -409,12 +420,8 @@ def load_hf_folder(directory: str) -> _Loaded:
         weights_path, tensors = pt, read_torch_bin(pt)
     else:
         raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin")
-    tensors = _normalise_hf_names(tensors)
-    table = name_map("hf", config.num_layers)
-    state, source = _rename(tensors, table, weights_path, config.num_layers)
-    _drop_tied(state)
-    return _Loaded(config, tokenizer, state, source, weights_path, vocab_path, config_path,
-                   naming=table)
+    return _loaded_from("hf", _normalise_hf_names(tensors), config, tokenizer, weights_path,
+                        vocab_path, config_path)
 
 
 def load_our_folder(directory: str) -> _Loaded:
@@ -517,12 +524,8 @@ def load_zoo(model_name: str, dataset_name: str = "book_corpus_wiki_en_uncased",
                         type_vocab_size=hp.get("token_type_vocab_size", 2), dropout=hp["dropout"],
                         attention_dropout=hp["dropout"],
                         layer_norm_eps=hp.get("layer_norm_eps", 1e-12))
-    tensors = read_mxnet_params(params_path)
-    table = name_map("gluonnlp", config.num_layers)
-    state, source = _rename(tensors, table, params_path, config.num_layers)
-    _drop_tied(state)
-    return _Loaded(config, tokenizer, state, source, params_path, vocab_path, params_path,
-                   naming=table)
+    return _loaded_from("gluonnlp", read_mxnet_params(params_path), config, tokenizer,
+                        params_path, vocab_path, params_path)
 
 
 def from_gluonnlp(net, vocab, task: str = "model", num_classes: Optional[int] = None,
