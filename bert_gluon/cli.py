@@ -85,7 +85,8 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name or checkpoint folder")
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/<task>)")
     for name, typ in (("epochs", int), ("batch_size", int), ("max_len", int), ("lr", float),
-                      ("warmup_ratio", float), ("weight_decay", float), ("max_grad_norm", float),
+                      ("warmup_ratio", float), ("weight_decay", float), ("adam_epsilon", float),
+                      ("max_grad_norm", float),
                       ("accumulate", int), ("seed", int), ("num_buckets", int),
                       ("log_interval", int), ("early_stopping", int),
                       ("max_train_examples", int), ("max_dev_examples", int)):

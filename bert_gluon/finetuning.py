@@ -59,6 +59,7 @@ class FinetuneArgs:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     optimizer: str = "adamw"               # bias-corrected, as torch.optim.AdamW (HF recipe)
+    adam_epsilon: float = 1e-8              # torch.optim.AdamW's default (BERT used 1e-6)
     max_grad_norm: Optional[float] = 1.0
     accumulate: int = 1
     seed: int = 1
@@ -223,7 +224,8 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
     model.hybridize(static_alloc=True)
     loss_fn = gluon.loss.L2Loss() if args.regression else gluon.loss.SoftmaxCELoss()
     loss_fn.hybridize(static_alloc=True)
-    trainer = create_trainer(model, args.optimizer, args.lr, args.weight_decay)
+    trainer = create_trainer(model, args.optimizer, args.lr, args.weight_decay,
+                             epsilon=args.adam_epsilon)
     if use_amp:
         amp_init_trainer(trainer)
     set_grad_accumulation(model, args.accumulate)
