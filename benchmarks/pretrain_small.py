@@ -70,6 +70,12 @@ def main() -> None:
     p.add_argument("--max-predictions", type=int, default=20)
     p.add_argument("--eval-pairs", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam", "lamb"])
+    p.add_argument("--preset", default="small", help="BERTConfig preset of the model")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout and attention dropout (default: the preset's 0.1; a budget of "
+                   "minutes is far from overfitting, and dropout slows early learning)")
+    p.add_argument("--note", default="", help="conditions of the run, kept in the result")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "pretrain_small"))
     p.add_argument("--run-name", default="train", help="folder under --out for this run")
     p.add_argument("--result", default=os.path.join(HERE, "results", "pretrain_small.json"))
@@ -97,7 +103,9 @@ def main() -> None:
     eval_all, _ = load_shards(eval_dir)
     eval_arrays = {k: v[:args.eval_pairs] for k, v in eval_all.items()}
     eval_small = {k: v[:256] for k, v in eval_all.items()}
-    config = BERTConfig.preset("small", vocab_size=len(tok))
+    overrides = {} if args.dropout is None else dict(dropout=args.dropout,
+                                                     attention_dropout=args.dropout)
+    config = BERTConfig.preset(args.preset, vocab_size=len(tok), **overrides)
 
     # the schedule: warm-up then linear decay over --max-steps, or ending at the time budget
     # if the machine is slower than that (pretrain's max_seconds); another job shares the CPU
@@ -108,21 +116,21 @@ def main() -> None:
     summary = pretrain(model, train, run_dir, eval_arrays=eval_small, tokenizer=tok,
                        batch_size=args.batch_size, total_steps=total_steps,
                        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
+                       optimizer=args.optimizer,
                        checkpoint_every=200, eval_every=200, log_every=20,
                        max_seconds=budget, progress=True)
     final = evaluate(model, eval_arrays, ctx=mx.cpu())
     baseline = most_frequent_token_baseline(train.arrays, eval_arrays)
     result = {
-        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} nice -n 5 nohup "
-                   ".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]),
-        "model": dict(preset="small", **config.to_dict()),
+        "command": ".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]),
+        "model": dict(preset=args.preset, **config.to_dict()),
         "train_books": [os.path.basename(b) for b in train_files],
         "held_out_books": list(HELD_OUT),
         "data": {"train_pairs": train_meta["stats"]["instances"],
                  "held_out_pairs_evaluated": int(len(eval_arrays["valid_length"])),
                  "max_seq_length": args.seq_len, "max_predictions_per_seq": args.max_predictions},
         "hyper": {"batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
-                  "optimizer": "bertadam", "weight_decay": 0.01, "seed": args.seed,
+                  "optimizer": args.optimizer, "weight_decay": 0.01, "seed": args.seed,
                   "total_steps_planned": total_steps, "minutes_budget": args.minutes},
         "steps": summary["steps"], "stopped": summary["stopped"],
         "train_seconds": round(summary["train_seconds"], 1),
@@ -135,7 +143,7 @@ def main() -> None:
                     "mlm_acc>=2x_baseline": final["mlm_acc"] >= 2 * baseline["mlm_acc"]},
         "machine": {"cpu_cores": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                     "python": platform.python_version(), "mxnet": mx.__version__,
-                    "note": "shared 2-core VM; other jobs were running at the same time"},
+                    "load_average_at_end": os.getloadavg(), "note": args.note},
         "metrics_log": os.path.relpath(os.path.join(run_dir, "metrics.jsonl"), ROOT),
         "final_checkpoint": os.path.relpath(os.path.join(run_dir, "final"), ROOT),
     }

@@ -108,6 +108,10 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--predictions", help="write label/probability per example to this TSV")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8 inference on CPU (oneDNN), calibrated on 320 training examples")
+    p.add_argument("--calib-file", help="training TSV/CSV to calibrate --int8 on "
+                   "(default: the checkpoint's task)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="label and probability for sentences or a file")
@@ -116,6 +120,11 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--file", help="TSV/CSV file of inputs (the checkpoint's text columns)")
     p.add_argument("--text-columns", nargs="+", metavar="COL")
     p.add_argument("--output", help="write predictions to this TSV")
+    p.add_argument("--data-dir", help="folder of the task's files (for --int8 calibration)")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8 inference on CPU (oneDNN), calibrated on 320 training examples")
+    p.add_argument("--calib-file", help="training TSV/CSV to calibrate --int8 on "
+                   "(default: the checkpoint's task)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -139,7 +148,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate(args.checkpoint, task=args.task, split=args.split, file=args.file,
                        data_dir=args.data_dir, predictions=args.predictions,
-                       batch_size=args.batch_size, skip_bad=args.skip_bad)
+                       batch_size=args.batch_size, skip_bad=args.skip_bad, int8=args.int8,
+                       calib_file=args.calib_file)
     print(json.dumps(metrics, sort_keys=True))
     return 0
 
@@ -147,10 +157,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .finetuning import predict, predict_file
 
+    int8 = dict(int8=args.int8, calib_file=args.calib_file, data_dir=args.data_dir)
     if args.file:
-        rows = predict_file(args.checkpoint, args.file, args.output, args.text_columns)
+        rows = predict_file(args.checkpoint, args.file, args.output, args.text_columns, **int8)
     elif args.sentences:
-        rows = predict(args.checkpoint, [tuple(args.sentences)])
+        rows = predict(args.checkpoint, [tuple(args.sentences)], **int8)
     else:
         print("predict: give sentences or --file", file=sys.stderr)
         return 2

@@ -314,7 +314,11 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
 # --------------------------------------------------------------------------------------
 # Evaluation and prediction with a saved checkpoint
 # --------------------------------------------------------------------------------------
-def _load_checkpoint(checkpoint: str, ctx: mx.Context):
+def _load_checkpoint(checkpoint: str, ctx: mx.Context, int8: bool = False,
+                     calib_file: Optional[str] = None, data_dir: Optional[str] = None):
+    """The fine-tuned model, its tokenizer and ``config.json``; with ``int8`` the model is
+    quantized on the CPU, calibrated on a few hundred of its training examples (the
+    checkpoint's task, or ``calib_file``) -- see :mod:`bert_gluon.quantization`."""
     from .checkpoints import from_pretrained
 
     model, tokenizer = from_pretrained(checkpoint, task="classifier", ctx=ctx)
@@ -328,20 +332,28 @@ def _load_checkpoint(checkpoint: str, ctx: mx.Context):
         raise ValueError(f"{checkpoint}: classifier has {model.num_classes} outputs but "
                          f"config.json lists {want} class labels {labels}")
     model.hybridize(static_alloc=True)
+    if int8:
+        from .quantization import quantize_checkpoint_model
+
+        model = quantize_checkpoint_model(model, tokenizer, meta, train_file=calib_file,
+                                          data_dir=data_dir, ctx=ctx)
     return model, tokenizer, meta
 
 
 def evaluate(checkpoint: str, task: Optional[str] = None, split: str = "dev",
              file: Optional[str] = None, data_dir: Optional[str] = None,
              predictions: Optional[str] = None, batch_size: int = 64, skip_bad: bool = False,
+             int8: bool = False, calib_file: Optional[str] = None,
              ctx: Optional[mx.Context] = None) -> Dict[str, float]:
     """Accuracy and F1 (or MSE and Pearson) of ``checkpoint`` on a labelled split or file.
 
     Columns and labels come from the checkpoint (what it was fine-tuned on). ``predictions``:
     also write one ``label<TAB>probability`` line per example (TSV with a header).
+    ``int8``: score with the INT8-quantized model (CPU; calibrated on the checkpoint's
+    training data, or ``calib_file``).
     """
     ctx = ctx or default_context()
-    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx)
+    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir)
     labels = meta["class_labels"]
     task = task or meta.get("task")
     if file is None:
@@ -368,11 +380,13 @@ def evaluate(checkpoint: str, task: Optional[str] = None, split: str = "dev",
 
 
 def predict(checkpoint: str, inputs: Sequence[Sequence[str]], batch_size: int = 64,
+            int8: bool = False, calib_file: Optional[str] = None,
+            data_dir: Optional[str] = None,
             ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
     """Label and probability for each input (a sentence, or a ``(sentence_a, sentence_b)``
-    pair, matching what the checkpoint was trained on)."""
+    pair, matching what the checkpoint was trained on). ``int8``: as in :func:`evaluate`."""
     ctx = ctx or default_context()
-    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx)
+    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir)
     labels, pair = meta["class_labels"], bool(meta["pair"])
     rows = [(x,) if isinstance(x, str) else tuple(x) for x in inputs]
     for i, row in enumerate(rows):
@@ -388,6 +402,8 @@ def predict(checkpoint: str, inputs: Sequence[Sequence[str]], batch_size: int = 
 
 def predict_file(checkpoint: str, file: str, output: Optional[str] = None,
                  text_columns: Optional[Sequence[str]] = None, skip_bad: bool = False,
+                 int8: bool = False, calib_file: Optional[str] = None,
+                 data_dir: Optional[str] = None,
                  ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
     """:func:`predict` for every row of a TSV/CSV file (labels, if any, are ignored);
     ``output`` gets the predictions as TSV."""
@@ -396,7 +412,8 @@ def predict_file(checkpoint: str, file: str, output: Optional[str] = None,
         meta = json.load(f)
     cols = text_columns or meta.get("text_columns")
     examples = read_examples(file, cols, None, None, skip_bad=skip_bad)
-    results = predict(checkpoint, examples, ctx=ctx)
+    results = predict(checkpoint, examples, int8=int8, calib_file=calib_file,
+                      data_dir=data_dir, ctx=ctx)
     if output:
         _write_rows(output, results)
     return results

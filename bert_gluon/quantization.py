@@ -12,7 +12,7 @@ and those ranges become the fixed INT8 scales (``calib_mode="naive"``: min/max):
 This follows GluonNLP 0.10's ``scripts/bert`` recipe: ``quantize_net_v2`` with the
 ``MKLDNN_QUANTIZE`` backend and min/max calibration where GELU output ranges are clipped
 (at 10) so a rare outlier does not waste the 8-bit range. What stays fp32: LayerNorm,
-softmax, the attention-weights x values GEMM (MXNet 1.9.1's quantized ``selfatt_valatt``
+softmax, the residual additions, the attention-weights x values GEMM (MXNet 1.9.1's quantized ``selfatt_valatt``
 rejects the int8 softmax output), the pooler's tanh and, by default, the final classifier.
 On CPUs without VNNI (AVX2 only) expect well under 2x over fp32 (1.3-1.4x measured for
 MiniLM here; see benchmarks/README.md).
@@ -103,7 +103,7 @@ def _as_batches(calib_data: Iterable, batch_size: Optional[int],
 def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
                         num_calib_examples: Optional[int] = 320, batch_size: Optional[int] = 32,
                         calib_mode: str = "naive", clip_gelu: Optional[float] = 10.0,
-                        exclude_layers_match: Sequence[str] = (),
+                        exclude_layers_match: Sequence[str] = ("_plus",),
                         exclude_operators: Sequence[str] = ("_sg_mkldnn_selfatt_valatt",),
                         quantize_output: bool = False, quantized_dtype: str = "int8",
                         ctx: mx.Context = mx.cpu(),
@@ -121,8 +121,10 @@ def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
         calib_mode: ``"naive"`` (min/max of each layer output, with GELU clipping) or
             ``"entropy"`` (KL-divergence thresholds; slower, sometimes more accurate).
         clip_gelu: upper bound for GELU output ranges (``None``: no clipping); naive mode only.
-        exclude_layers_match: substrings of node names kept in fp32, e.g. ``("_plus",)`` for
-            the residual additions (quantized by default).
+        exclude_layers_match: substrings of node names kept in fp32. The default keeps the
+            residual and embedding additions (``_plus``) in fp32: quantizing them flipped 76 %
+            of the MRPC dev predictions of a fine-tuned MiniLM (95 % agree without them).
+            ``()`` quantizes everything the backend supports.
         exclude_operators: operator types kept in fp32.
         quantize_output: also quantize the final classification layer (default: keep fp32).
         quantized_dtype: ``"int8"`` (signed activations everywhere). ``"auto"`` (uint8 after

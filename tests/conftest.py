@@ -25,3 +25,29 @@ def ctx(request):
 def data_dir(env: str, name: str) -> str:
     """A shared data folder: the environment variable ``env`` or ``../shared/data/name``."""
     return os.environ.get(env) or os.path.join(SHARED_DATA, name)
+
+
+TOY_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + [f"w{i}" for i in range(994)]
+
+
+def write_toy_vocab(path) -> str:
+    """A 1000-token vocabulary (the tiny preset's size): specials, '.', words w0..w993."""
+    path.write_text("\n".join(TOY_WORDS) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def write_toy_corpus(path, num_docs: int, stride: int, spread: int, lines=(3, 8),
+                     words=(4, 12), seed: int = 0) -> str:
+    """One sentence per line, blank lines between documents; document ``d`` draws its words
+    from ``w[d * stride .. d * stride + spread]`` (so next-sentence pairs are learnable)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for d in range(num_docs):
+        for _ in range(rng.randint(*lines)):
+            out.append(" ".join(f"w{(d * stride + rng.randint(0, spread)) % 990}"
+                                for _ in range(rng.randint(*words))) + " .")
+        out.append("")
+    path.write_text("\n".join(out), encoding="utf-8")
+    return str(path)

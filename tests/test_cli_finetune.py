@@ -65,3 +65,22 @@ def test_finetune_evaluate_predict_minilm(tmp_path, capsys):
     assert main(["predict", str(out / "best"), "--file", str(dev64), "--output",
                  str(out_tsv)]) == 0
     assert len(out_tsv.read_text().splitlines()) == 65
+
+    # --int8: the same checkpoint quantized (calibrated on MRPC train pairs) agrees with fp32
+    preds8 = tmp_path / "preds8.tsv"
+    assert main(["evaluate", str(out / "best"), "--file", str(dev64), "--predictions",
+                 str(preds8), "--int8", "--data-dir", MRPC]) == 0
+    metrics8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics8["n"] == 64 and abs(metrics8["accuracy"] - metrics["accuracy"]) <= 0.05
+    fp32_rows = [r.split("\t") for r in preds.read_text().splitlines()[1:]]
+    int8_rows = [r.split("\t") for r in preds8.read_text().splitlines()[1:]]
+    same = sum(a[0] == b[0] for a, b in zip(fp32_rows, int8_rows))
+    assert same >= 60, f"INT8 changed {64 - same} of 64 labels"
+    assert max(abs(float(a[1]) - float(b[1])) for a, b in zip(fp32_rows, int8_rows)) < 0.1
+    assert main(["predict", str(out / "best"), "The cat sat on the mat .",
+                 "A cat was sitting on the mat .", "--int8", "--data-dir", MRPC]) == 0
+    label8, prob8 = capsys.readouterr().out.strip().splitlines()[-1].split("\t")
+    def p_one(lab, p):   # probability of class "1" (the labels may flip near 0.5)
+        return float(p) if lab == "1" else 1.0 - float(p)
+
+    assert abs(p_one(label8, prob8) - p_one(label, prob)) < 0.05, (label, prob, label8, prob8)

@@ -7,7 +7,6 @@ parameters, and the loss must go down. Every process is killed at the end, whate
 """
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from bert_gluon.cli import main as cli_main
+from conftest import write_toy_corpus, write_toy_vocab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -29,19 +29,9 @@ def _free_port() -> int:
 
 
 def _corpus(tmp_path):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + [f"w{i}" for i in range(994)]
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(words) + "\n", encoding="utf-8")
-    rng = random.Random(0)
-    lines = []
-    for d in range(16):
-        for _ in range(rng.randint(4, 9)):
-            lines.append(" ".join(f"w{(d * 61 + rng.randint(0, 25)) % 990}"
-                                  for _ in range(rng.randint(5, 12))) + " .")
-        lines.append("")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(lines), encoding="utf-8")
-    return str(corpus), str(vocab)
+    return (write_toy_corpus(tmp_path / "corpus.txt", num_docs=16, stride=61, spread=25,
+                             lines=(4, 9), words=(5, 12)),
+            write_toy_vocab(tmp_path / "vocab.txt"))
 
 
 @pytest.mark.skipif(not mx.runtime.Features().is_enabled("DIST_KVSTORE"),

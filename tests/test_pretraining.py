@@ -15,6 +15,7 @@ from bert_gluon.pretraining import (PretrainingLoss, PretrainingMetrics,
                                     most_frequent_token_baseline, pretrain)
 from bert_gluon.pretraining_data import PretrainingData, iterate_batches
 from bert_gluon.tokenization import Tokenizer
+from conftest import write_toy_corpus, write_toy_vocab
 
 TINY = BERTConfig.preset("tiny")          # vocab 1000, 2 layers, 64 units, max length 64
 
@@ -22,10 +23,7 @@ TINY = BERTConfig.preset("tiny")          # vocab 1000, 2 layers, 64 units, max 
 @pytest.fixture
 def tokenizer(tmp_path):
     """A 1000-token vocabulary (the tiny preset's size): specials, '.', words w0..w993."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + [f"w{i}" for i in range(994)]
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(words) + "\n", encoding="utf-8")
-    return Tokenizer.from_file(str(path))
+    return Tokenizer.from_file(write_toy_vocab(tmp_path / "vocab.txt"))
 
 
 def id_docs(tokenizer, num_docs=8, seed=0):
@@ -204,15 +202,7 @@ def test_continue_pretraining_minilm(tmp_path):
 
 # --- command line ---------------------------------------------------------------------------
 def test_cli_create_data_pretrain_and_resume(tokenizer, tmp_path, capsys):
-    rng = random.Random(0)
-    lines = []
-    for d in range(10):
-        for _ in range(rng.randint(3, 8)):
-            lines.append(" ".join(f"w{(d * 50 + rng.randint(0, 30)) % 990}"
-                                  for _ in range(rng.randint(4, 12))) + " .")
-        lines.append("")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(lines), encoding="utf-8")
+    corpus = write_toy_corpus(tmp_path / "corpus.txt", num_docs=10, stride=50, spread=30)
     vocab = str(tmp_path / "vocab.txt")
     assert cli_main(["create-pretraining-data", str(corpus), "--output", str(tmp_path / "d"),
                      "--vocab", vocab, "--max-seq-length", "32", "--max-predictions-per-seq",
