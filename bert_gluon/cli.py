@@ -108,10 +108,7 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--predictions", help="write label/probability per example to this TSV")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--int8", action="store_true",
-                   help="INT8 inference on CPU (oneDNN), calibrated on 320 training examples")
-    p.add_argument("--calib-file", help="training TSV/CSV to calibrate --int8 on "
-                   "(default: the checkpoint's task)")
+    _add_int8_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="label and probability for sentences or a file")
@@ -121,11 +118,15 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--text-columns", nargs="+", metavar="COL")
     p.add_argument("--output", help="write predictions to this TSV")
     p.add_argument("--data-dir", help="folder of the task's files (for --int8 calibration)")
+    _add_int8_args(p)
+    p.set_defaults(func=_cmd_predict)
+
+
+def _add_int8_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="INT8 inference on CPU (oneDNN), calibrated on 320 training examples")
     p.add_argument("--calib-file", help="training TSV/CSV to calibrate --int8 on "
                    "(default: the checkpoint's task)")
-    p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

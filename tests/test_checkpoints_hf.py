@@ -204,11 +204,7 @@ def test_finetuning_steps_match_hf_training_loop():
         optimizer_step(trainer, max_grad_norm=1.0)
         ours_losses.append(float(loss.asscalar()))
 
-        n = valid.asnumpy().astype(int)
-        ids = torch.tensor(words.asnumpy().astype(np.int64))
-        mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(n)[:, None]).long()
-        out = ref(input_ids=ids, attention_mask=mask,
-                  token_type_ids=torch.tensor(segments.asnumpy().astype(np.int64)),
+        out = ref(**hf_inputs(words, valid, segments),
                   labels=torch.tensor(label.asnumpy().astype(np.int64)))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
@@ -220,17 +216,20 @@ def test_finetuning_steps_match_hf_training_loop():
     words, valid, segments, _ = batches[0]
     logits = ours(words, segments, valid).asnumpy()
     with torch.no_grad():
-        n = valid.asnumpy().astype(int)
-        ids = torch.tensor(words.asnumpy().astype(np.int64))
-        mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(n)[:, None]).long()
-        r_logits = ref(input_ids=ids, attention_mask=mask,
-                       token_type_ids=torch.tensor(segments.asnumpy().astype(np.int64))
-                       ).logits.numpy()
+        r_logits = ref(**hf_inputs(words, valid, segments)).logits.numpy()
     print(f"\nlosses ours {np.round(ours_losses, 5)}\nlosses HF   {np.round(ref_losses, 5)}\n"
           f"final logits max|diff| {np.abs(logits - r_logits).max():.2e}")
     np.testing.assert_allclose(ours_losses, ref_losses, rtol=0, atol=2e-3)
     assert np.abs(logits - r_logits).max() < 5e-3
     assert ours_losses[-1] != ours_losses[0]
+
+
+def hf_inputs(words, valid, segments):
+    """Our padded batch (NDArrays) as transformers' input_ids / attention_mask / token_type_ids."""
+    ids = torch.tensor(words.asnumpy().astype(np.int64))
+    n = torch.tensor(valid.asnumpy().astype(np.int64))
+    return {"input_ids": ids, "attention_mask": (torch.arange(ids.shape[1])[None, :] < n[:, None]).long(),
+            "token_type_ids": torch.tensor(segments.asnumpy().astype(np.int64))}
 
 
 def load_mrpc_train_rows(n):
