@@ -779,16 +779,20 @@ def export_symbol(model, path_prefix: str, seq_len: int = 128, batch_size: int =
     loadable with ``mx.gluon.SymbolBlock.imports`` (inputs: words, segments, valid_length)."""
     import mxnet as mx
 
+    from .ops import builtin_ops
+
     _model_class(model)
     if type(model).__name__ == "BERTForPretraining":
         raise CheckpointError("export a BERTModel or BERTClassifier (the pre-training heads "
                               "take masked positions and are for training)")
     ctx = next(iter(model.collect_params().values())).list_ctx()[0]
     words = mx.nd.zeros((batch_size, seq_len), ctx=ctx)
-    model.hybridize(static_alloc=True)
-    model(words, mx.nd.zeros_like(words), mx.nd.full((batch_size,), seq_len, ctx=ctx))
     os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
-    model.export(path_prefix)
+    with builtin_ops():     # the symbol must load without bert_gluon's operators
+        model.hybridize(static_alloc=True)
+        model(words, mx.nd.zeros_like(words), mx.nd.full((batch_size,), seq_len, ctx=ctx))
+        model.export(path_prefix)
+    model.hybridize(static_alloc=True)
     return path_prefix + "-symbol.json", path_prefix + "-0000.params"
 
 

@@ -17,7 +17,7 @@ import mxnet as mx
 from mxnet.gluon import HybridBlock, Parameter, nn
 
 from .config import BERTConfig
-from .layers import EncoderBlock, OptionalArgsBlock, PositionalEncoding
+from .layers import EncoderBlock, LayerNorm, OptionalArgsBlock, PositionalEncoding
 
 __all__ = ["BERTEncoder", "MLMDecoder", "Pooler", "NSClassifier", "BERTModel",
            "BERTForPretraining", "BERTClassifier"]
@@ -46,7 +46,7 @@ class BERTEncoder(OptionalArgsBlock):
                 self.position_embed = nn.Embedding(max_length, units, weight_initializer=init)
             else:
                 self.position_embed = PositionalEncoding(units, 0.0, max_length)
-            self.embed_norm = nn.LayerNorm(epsilon=layer_norm_eps, in_channels=units)
+            self.embed_norm = LayerNorm(epsilon=layer_norm_eps, in_channels=units)
             self.embed_dropout = nn.Dropout(dropout)
             self.blocks = nn.HybridSequential()
             for _ in range(num_layers):
@@ -97,7 +97,7 @@ class MLMDecoder(HybridBlock):
             self.transform = nn.Dense(units, flatten=False, in_units=units,
                                       weight_initializer=init)
             self.activation = nn.GELU()
-            self.norm = nn.LayerNorm(epsilon=layer_norm_eps, in_channels=units)
+            self.norm = LayerNorm(epsilon=layer_norm_eps, in_channels=units)
             if tied_weight is None:
                 self.output_weight = self.params.get("output_weight", shape=(vocab_size, units),
                                                      init=init)

@@ -30,6 +30,7 @@ from mxnet.gluon import HybridBlock
 
 from . import training
 from .fileio import JsonlLogger, write_json
+from .ops import softmax_cross_entropy
 from .pretraining_data import PretrainingData, iterate_batches, num_batches
 
 __all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
@@ -47,7 +48,7 @@ class PretrainingLoss(HybridBlock):
     """
 
     def hybrid_forward(self, F, mlm_scores, nsp_scores, masked_ids, masked_weights, nsp_label):
-        mlm_nll = -F.pick(F.log_softmax(mlm_scores, axis=-1), masked_ids, axis=-1)   # (B, P)
+        mlm_nll = softmax_cross_entropy(F, mlm_scores, masked_ids)                  # (B, P)
         mlm = F.sum(mlm_nll * masked_weights) / (F.sum(masked_weights) + 1e-6)
         nsp = F.mean(-F.pick(F.log_softmax(nsp_scores, axis=-1), nsp_label, axis=-1))
         return mlm + nsp, mlm, nsp

@@ -28,6 +28,8 @@ import mxnet as mx
 import numpy as np
 from mxnet.base import NDArrayHandle, py_str
 
+from .ops import builtin_ops
+
 __all__ = ["quantize_classifier", "quantize_checkpoint_model", "CalibrationCollector"]
 
 
@@ -154,11 +156,13 @@ def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
         collector = CalibrationCollector(clip_gelu, logger)
         mode = "customize"
     flags = dict(getattr(model, "_flags", []))      # export re-hybridizes with defaults
-    qnet = quantize_net_v2(model, quantized_dtype=quantized_dtype, quantize_mode="full",
-                           exclude_layers_match=exclude, exclude_operators=list(exclude_operators),
-                           calib_data=loader,
-                           calib_mode=mode, num_calib_examples=sum(len(b[0]) for b in batches),
-                           ctx=ctx, LayerOutputCollector=collector, logger=logger)
+    with builtin_ops():     # oneDNN's graph passes know MXNet's LayerNorm
+        qnet = quantize_net_v2(model, quantized_dtype=quantized_dtype, quantize_mode="full",
+                               exclude_layers_match=exclude,
+                               exclude_operators=list(exclude_operators), calib_data=loader,
+                               calib_mode=mode,
+                               num_calib_examples=sum(len(b[0]) for b in batches),
+                               ctx=ctx, LayerOutputCollector=collector, logger=logger)
     model.hybridize(True, **flags)
     qnet.hybridize(static_alloc=True, static_shape=True)
     return qnet

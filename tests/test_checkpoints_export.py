@@ -21,7 +21,9 @@ def test_export_symbol_runs_without_our_classes(tmp_path):
     deployed = mx.gluon.SymbolBlock.imports(sym, ["data0", "data1", "data2"], params)
     got = deployed(words, segments, valid).asnumpy()
     print(f"\nexported SymbolBlock vs BERTClassifier max|diff| {np.abs(got - expected).max():.2e}")
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    # the export uses MXNet's own LayerNorm (loadable without bert_gluon), the model may use the
+    # compiled one (bert_gluon.ops): equal up to float32 rounding
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_convert_and_export(tmp_path, capsys):

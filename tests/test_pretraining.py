@@ -129,10 +129,12 @@ def test_resume_is_exact(tokenizer, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name], b[name]), name
-    # and the run really trained: parameters moved, loss went down
-    log = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
-    losses = [r["mlm_loss"] + r["nsp_loss"] for r in log if r["event"] == "train"]
-    assert losses[-1] < losses[0]
+    # and the run really trained: the loss on its epoch-0 data (dropout off) went down
+    # (single logged steps of 8 pairs are too noisy to compare)
+    arrays = data.epoch_arrays(0)
+    fresh, _ = build_pretraining_model(TINY, seed=0)
+    before, after = evaluate(fresh, arrays), evaluate(straight, arrays)
+    assert after["mlm_loss"] + after["nsp_loss"] < before["mlm_loss"] + before["nsp_loss"] - 0.1
     events = [json.loads(line)["event"] for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert "resume" in events
 
