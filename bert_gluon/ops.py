@@ -4,8 +4,9 @@
   dropout, weighted sum of values -- in one operator, forward and backward. MXNet's
   ``interleaved_matmul_selfatt_*`` run one small OpenBLAS GEMM per (batch, head) and its
   softmax-with-length and Dropout are slow on CPU: they were ~45 % of a MiniLM inference pass.
-- ``bg_layer_norm`` (``csrc/layer_norm.cc``): MXNet's own ``LayerNorm`` backward on CPU costs
-  about ten times its forward (generic broadcast reductions).
+- ``bg_layer_norm`` and ``bg_add_norm`` (``csrc/layer_norm.cc``): LayerNorm, and the residual
+  connection ``LayerNorm(x + dropout(y))`` in one pass; MXNet's own ``LayerNorm`` backward on
+  CPU costs about ten times its forward, and its Dropout draws masks slowly.
 - ``bg_softmax_ce`` (``csrc/softmax_ce.cc``): softmax cross-entropy per row, for the masked-LM
   loss over the 30522-token vocabulary, whose ``log_softmax`` backward is slow in MXNet 1.9.1.
 
@@ -43,7 +44,7 @@ _SOURCES = sorted(glob.glob(os.path.join(_CSRC, "*.cc")))
 _HEADERS = sorted(glob.glob(os.path.join(_CSRC, "*.h")))
 # -march=native: the library is built on the machine that runs it (the cache key includes the
 # CPU's feature flags); -ffast-math lets GCC vectorize expf (glibc's libmvec).
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++11"]
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++11"]
 _lock = threading.Lock()
 _state = {"loaded": None, "error": None, "disabled": 0}
 
@@ -137,6 +138,14 @@ def builtin_ops() -> Iterator[None]:
         yield
     finally:
         _state["disabled"] -= 1
+
+
+def mode_flag(F):
+    """The ``mode`` input of the operators with dropout: ``Dropout(p=0.5)`` of a one, which is
+    exactly 1 when MXNet predicts and 0 or 2 when it trains. Extension operators are not told
+    MXNet's train/predict mode, and a hybridized graph is built once for both, so the mode
+    travels as data and the operator decides at run time."""
+    return F.Dropout(F.ones(shape=(1,)), p=0.5)
 
 
 def softmax_cross_entropy(F, scores, label):

@@ -33,8 +33,8 @@ def mxnet_attention(qkv, length, heads, dropout=0.0):
 
 def fused_attention(qkv, length, heads, dropout=0.0):
     mode = nd.Dropout(nd.ones((1,)), p=0.5)      # as MultiHeadAttention builds it
-    context, probs, _ = nd.bg_self_attention(qkv, length, mode, heads=heads, dropout=dropout)
-    return context, probs
+    context, lse, _ = nd.bg_self_attention(qkv, length, mode, heads=heads, dropout=dropout)
+    return context, lse
 
 
 def _inputs(T, B, U, seed=0):
@@ -48,25 +48,33 @@ def _run(fn, qkv, length, heads, dctx, dropout=0.0, train=True):
     x = qkv.copy()
     x.attach_grad()
     with autograd.record(train_mode=train):
-        context, probs = fn(x, length, heads, dropout)
+        context, extra = fn(x, length, heads, dropout)
     context.backward(dctx)
-    return context.asnumpy(), probs.asnumpy(), x.grad.asnumpy()
+    return context.asnumpy(), extra.asnumpy(), x.grad.asnumpy()
 
 
 @pytest.mark.parametrize("T,B,U,H", SHAPES)
 def test_self_attention_matches_mxnet_operators(T, B, U, H):
     qkv, length, dctx = _inputs(T, B, U)
-    c0, p0, g0 = _run(mxnet_attention, qkv, length, H, dctx)
-    c1, p1, g1 = _run(fused_attention, qkv, length, H, dctx)
+    c0, weights, g0 = _run(mxnet_attention, qkv, length, H, dctx)
+    c1, lse, g1 = _run(fused_attention, qkv, length, H, dctx)
     np.testing.assert_allclose(c1, c0, rtol=1e-5, atol=2e-6)
-    np.testing.assert_allclose(p1, p0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-5)
-    # masked keys get exactly zero weight, every row sums to one
+    # lse is each row's log-sum-exp of the scaled scores over the valid keys
+    scores = nd.contrib.interleaved_matmul_selfatt_qk(qkv, heads=H).asnumpy().astype(np.float64)
     lengths = length.asnumpy().astype(int)
     for b, n in enumerate(lengths):
-        rows = p1[b * H:(b + 1) * H]
-        assert np.all(rows[:, :, n:] == 0)
-        np.testing.assert_allclose(rows.sum(-1), 1.0, atol=1e-5)
+        rows = scores[b * H:(b + 1) * H, :, :n]
+        want = np.log(np.exp(rows - rows.max(-1, keepdims=True)).sum(-1)) + rows.max(-1)
+        np.testing.assert_allclose(lse[b * H:(b + 1) * H], want, rtol=1e-5, atol=1e-5)
+    # keys and values beyond a sequence's length do not matter: change them, same result
+    noisy = qkv.asnumpy().copy()
+    for b, n in enumerate(lengths):
+        noisy[n:, b] = 1e3
+    c2, _, g2 = _run(fused_attention, nd.array(noisy), length, H, dctx)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(c2[:n, b], c1[:n, b], rtol=1e-5, atol=2e-6)
+        assert np.all(g2[n:, b].reshape(T - n, H, 3, U // H)[:, :, 1:] == 0)   # no grad to them
 
 
 def test_self_attention_dropout_only_in_training_and_unbiased():
@@ -166,6 +174,76 @@ def test_layer_norm_matches_mxnet_and_accumulates_parameter_gradients():
         if k == 1:
             once = norm.gamma.grad().asnumpy().copy()
     np.testing.assert_allclose(norm.gamma.grad().asnumpy(), 2 * once, rtol=1e-6)
+
+
+def _add_norm(x, y, gamma, beta, p, fused, train=True):
+    args = [a.copy() for a in (x, y, gamma, beta)]
+    for a in args:
+        a.attach_grad()
+    with autograd.record(train_mode=train):
+        if fused:
+            out = nd.bg_add_norm(*args, nd.Dropout(nd.ones((1,)), p=0.5), eps=1e-12,
+                                 dropout=p)[0]
+        else:
+            out = nd.LayerNorm(args[0] + args[1], args[2], args[3], axis=-1, eps=1e-12)
+    return out, args
+
+
+def test_add_norm_matches_mxnet_without_dropout():
+    rng = np.random.RandomState(2)
+    for shape in [(5, 3, 24), (128, 8, 384)]:
+        x, y = nd.array(rng.randn(*shape)), nd.array(rng.randn(*shape) * 2)
+        gamma, beta = nd.array(rng.randn(shape[-1])), nd.array(rng.randn(shape[-1]))
+        dout = nd.array(rng.randn(*shape))
+        results = []
+        for fused in (False, True):
+            out, args = _add_norm(x, y, gamma, beta, 0.0, fused)
+            out.backward(dout)
+            results.append([out.asnumpy()] + [a.grad.asnumpy() for a in args])
+        for got, want in zip(results[1], results[0]):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_add_norm_dropout_mask_statistics_and_gradient():
+    rng = np.random.RandomState(3)
+    shape, p = (64, 16, 96), 0.25
+    x, y = nd.array(rng.randn(*shape)), nd.array(rng.randn(*shape))
+    gamma, beta = nd.array(rng.rand(96) + 0.5), nd.array(rng.randn(96))
+    dout = nd.array(rng.randn(*shape))
+    # d y = d x * factor: the mask can be read off the gradients
+    for train in (False, True):
+        out, (ax, ay, _, _) = _add_norm(x, y, gamma, beta, p, True, train)
+        out.backward(dout)
+        factor = ay.grad.asnumpy() / ax.grad.asnumpy()
+        if not train:
+            np.testing.assert_allclose(factor, 1.0, rtol=1e-5)
+            continue
+        kept = np.isclose(factor, 1 / (1 - p), rtol=1e-4)
+        assert np.all(kept | (np.abs(factor) < 1e-6))
+        assert abs((~kept).mean() - p) < 0.005          # 98304 draws: 3.5 standard deviations
+
+    # the backward pass uses the forward pass's mask: central differences with the RNG
+    # reseeded before each evaluation
+    small = [a[:2, :3] for a in (x, y)]
+    dsmall = dout[:2, :3]
+
+    def f(xv, yv):
+        mx.random.seed(5)
+        out, _ = _add_norm(nd.array(xv), nd.array(yv), gamma, beta, p, True)
+        return float((out * dsmall).sum().asscalar())
+
+    mx.random.seed(5)
+    out, (ax, ay, _, _) = _add_norm(*small, gamma, beta, p, True)
+    out.backward(dsmall)
+    x0, y0 = (a.asnumpy().astype(np.float64) for a in small)
+    for _ in range(10):
+        idx = tuple(rng.randint(n) for n in x0.shape)
+        for which, grad in ((0, ax.grad.asnumpy()), (1, ay.grad.asnumpy())):
+            up, down = [x0.copy(), y0.copy()], [x0.copy(), y0.copy()]
+            up[which][idx] += 1e-2
+            down[which][idx] -= 1e-2
+            numeric = (f(*up) - f(*down)) / 2e-2
+            assert numeric == pytest.approx(grad[idx], rel=2e-2, abs=2e-3), (which, idx)
 
 
 def test_softmax_cross_entropy_matches_log_softmax_and_rejects_bad_labels():

@@ -16,20 +16,24 @@
 //          mode (1,): 1 in inference; any other value means training (bert_gluon passes the
 //          output of Dropout(p=0.5) on a one, so MXNet's own train/predict mode decides).
 // Attributes: heads; dropout (probability, on the attention weights, in training only).
-// Outputs: context (T, B, U); probs (B*heads, T, T), the softmax weights (kept for the
-//          backward pass); seed (2,), this call's dropout seed as two 24-bit integers. The
-//          dropout mask is a hash of (seed, row, position): the backward pass recomputes it.
-// Backward inputs (MXNet's order): d context, d probs, d seed, qkv, length, mode, context,
-// probs, seed. The gradient that reaches qkv is that of context only.
+// Outputs: context (T, B, U); lse (B*heads, T), each query row's log-sum-exp of its scaled
+//          scores; seed (2,), this call's dropout seed as two 24-bit integers (the mask is a
+//          hash of seed, row and position, see dropout.h). Nothing of size T x T is kept:
+//          the backward pass recomputes the weights from Q, K and lse, as FlashAttention does,
+//          so inference writes no weights and training stores 1/T of them.
+// Backward inputs (MXNet's order): d context, d lse, d seed, qkv, length, mode, context,
+// lse, seed. The gradient that reaches qkv is that of context only.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
+#include "dropout.h"
 #include "gemm.h"
 #include "mxnet/lib_api.h"
 
 using namespace mxnet::ext;
+using bg::Dropout;
 using bg::gemm;
 using bg::round_up;
 
@@ -58,46 +62,8 @@ int parse_heads(const std::unordered_map<std::string, std::string>& attrs) {
 }
 
 float parse_dropout(const std::unordered_map<std::string, std::string>& attrs) {
-  auto it = attrs.find("dropout");
-  return it == attrs.end() ? 0.f : std::stof(it->second);
+  return bg::parse_float(attrs, "dropout", 0.f);
 }
-
-inline uint32_t mix(uint32_t x) {   // "lowbias32" integer hash (C. Wellons)
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
-// Dropout of one row of attention weights: keep[j] when mix(row_seed + index * golden) >=
-// threshold, with index = i * T + j, the same in the forward and the backward pass.
-struct Dropout {
-  bool on = false;
-  uint32_t threshold = 0, s0 = 0, s1 = 0;
-  float scale = 1.f;
-
-  Dropout(float p, bool training, uint32_t seed0, uint32_t seed1) {
-    on = training && p > 0.f;
-    if (on) {
-      threshold = static_cast<uint32_t>(std::min(4294967295.0, p * 4294967296.0));
-      scale = 1.f / (1.f - p);
-    }
-    s0 = seed0;
-    s1 = seed1;
-  }
-  uint32_t row_seed(int64_t task) const {
-    return mix(s0 * 0x01000193u ^ mix(s1 + 0x9e3779b9u * static_cast<uint32_t>(task + 1)));
-  }
-  // factor[j] = scale where kept, 0 where dropped, for j < L
-  void factors(uint32_t seed, int64_t first, int L, float* out) const {
-    for (int j = 0; j < L; ++j) {
-      const uint32_t h = mix(seed + static_cast<uint32_t>(first + j) * 0x9e3779b9u);
-      out[j] = h >= threshold ? scale : 0.f;
-    }
-  }
-};
 
 int valid_keys(float length, int64_t T) {
   const int64_t L = static_cast<int64_t>(length);
@@ -106,7 +72,7 @@ int valid_keys(float length, int64_t T) {
 
 // per-thread scratch, grown on demand
 std::vector<float>& scratch(int which) {
-  static thread_local std::vector<float> bufs[8];
+  static thread_local std::vector<float> bufs[10];
   return bufs[which];
 }
 
@@ -116,6 +82,44 @@ float* buffer(int which, size_t n) {
   return v.data();
 }
 
+inline float row_max(const float* r, int n) {
+  float m = -3.402823e38f;
+  for (int j = 0; j < n; ++j) m = r[j] > m ? r[j] : m;
+  return m;
+}
+
+// One (batch, head): pointers into qkv and the packed copies both passes need.
+struct Task {
+  const float* base;   // q of (t = 0, b, h); k at +d, v at +2d; one time step is `row` floats
+  int64_t row;
+  int T, d, Tp, dp, L, nL;
+
+  const float* at(int t) const { return base + static_cast<int64_t>(t) * row; }
+  // dst (rows x dp) = one of q (0), k (1), v (2) for time steps < rows, zero-padded to dp
+  void pack_rows(int which, int rows, int ld, float* dst) const {
+    for (int t = 0; t < rows; ++t) {
+      const float* x = at(t) + which * d;
+      float* y = dst + t * ld;
+      for (int k = 0; k < d; ++k) y[k] = x[k];
+      for (int k = d; k < ld; ++k) y[k] = 0.f;
+    }
+  }
+  // dst (d x Tp) = k (1) or v (2) transposed, keys >= L zero up to nL
+  void pack_transposed(int which, float* dst) const {
+    for (int j = 0; j < L; ++j) {
+      const float* x = at(j) + which * d;
+      for (int k = 0; k < d; ++k) dst[k * Tp + j] = x[k];
+    }
+    for (int k = 0; k < d; ++k)
+      for (int j = L; j < nL; ++j) dst[k * Tp + j] = 0.f;
+  }
+  // S (T x nL) = Q K^T, unscaled
+  void scores(const float* Q, int ldq, const float* Kt, float* S) const {
+    gemm(T, nL, d, Q, ldq, 1, Kt, Tp, S, Tp);
+  }
+};
+
+
 }  // namespace
 
 static MXReturnValue forward(const std::unordered_map<std::string, std::string>& attrs,
@@ -124,75 +128,50 @@ static MXReturnValue forward(const std::unordered_map<std::string, std::string>&
   const Shape s = shape_of((*inputs)[0], parse_heads(attrs));
   const float* qkv = (*inputs)[0].data<float>();
   const float* length = (*inputs)[1].data<float>();
-  const bool training = (*inputs)[2].data<float>()[0] != 1.f;
+  const float mode = (*inputs)[2].data<float>()[0];
   float* context = (*outputs)[0].data<float>();
-  float* probs = (*outputs)[1].data<float>();
-  float* seed_out = (*outputs)[2].data<float>();
-  const float p = parse_dropout(attrs);
-  uint32_t seed0 = 0, seed1 = 0;
-  if (training && p > 0.f) {
-    mx_cpu_rand_t& rng = res.get_cpu_rand_states()[0];
-    seed0 = static_cast<uint32_t>(rng()) >> 8;
-    seed1 = static_cast<uint32_t>(rng()) >> 8;
-  }
-  seed_out[0] = static_cast<float>(seed0);
-  seed_out[1] = static_cast<float>(seed1);
-  const Dropout drop(p, training, seed0, seed1);
+  float* lse = (*outputs)[1].data<float>();
+  const Dropout drop = Dropout::draw(parse_dropout(attrs), mode, res, (*outputs)[2].data<float>());
   const float scale = 1.f / std::sqrt(static_cast<float>(s.d));
-  const int64_t T = s.T, d = s.d, Tp = s.Tp, dp = s.dp;
-  const int64_t row = s.B * 3 * s.U;   // stride of one time step in qkv
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < s.B * s.H; ++task) {
     const int64_t b = task / s.H, h = task % s.H;
-    const int L = valid_keys(length[b], T), nL = round_up(L, bg::VL);
-    const float* base = qkv + b * 3 * s.U + h * 3 * d;   // q of (t=0, b, h)
-    float* Q = buffer(0, T * d);      // T x d
-    float* Kt = buffer(1, d * Tp);    // d x Tp: K transposed, zero beyond L
-    float* V = buffer(2, T * dp);     // L x dp
-    float* S = buffer(3, T * Tp);     // scores, then (dropped) weights
-    float* C = buffer(4, T * dp);
-    float* keep = buffer(5, Tp);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* x = base + t * row;
-      for (int64_t k = 0; k < d; ++k) Q[t * d + k] = x[k];
-    }
-    for (int64_t k = 0; k < d; ++k)
-      for (int64_t j = 0; j < nL; ++j) Kt[k * Tp + j] = j < L ? base[j * row + d + k] : 0.f;
-    for (int64_t j = 0; j < L; ++j)
-      for (int64_t k = 0; k < dp; ++k) V[j * dp + k] = k < d ? base[j * row + 2 * d + k] : 0.f;
-
-    gemm(static_cast<int>(T), nL, static_cast<int>(d), Q, d, 1, Kt, static_cast<int>(Tp), S,
-         static_cast<int>(Tp));
+    const int L = valid_keys(length[b], s.T);
+    const Task t{qkv + b * 3 * s.U + h * 3 * s.d, s.B * 3 * s.U, static_cast<int>(s.T),
+                 static_cast<int>(s.d), s.Tp, s.dp, L, round_up(L, bg::VL)};
+    float* Q = buffer(0, t.T * t.d);       // T x d
+    float* Kt = buffer(1, t.d * t.Tp);     // d x Tp
+    float* V = buffer(2, t.T * t.dp);      // L x dp
+    float* S = buffer(3, t.T * t.Tp);      // scores, then (dropped) weights
+    float* C = buffer(4, t.T * t.dp);
+    float* keep = buffer(5, t.Tp);
+    t.pack_rows(0, t.T, t.d, Q);
+    t.pack_transposed(1, Kt);
+    t.pack_rows(2, L, t.dp, V);
+    t.scores(Q, t.d, Kt, S);
     const uint32_t rs = drop.row_seed(task);
-    for (int64_t i = 0; i < T; ++i) {
-      float* r = S + i * Tp;
-      float* out = probs + (task * T + i) * T;
-      if (L > 0) {
-        float top = r[0];
-        for (int j = 0; j < L; ++j) top = std::max(top, r[j]);
-        float sum = 0.f;
-        for (int j = 0; j < L; ++j) {
-          r[j] = std::exp((r[j] - top) * scale);
-          sum += r[j];
-        }
-        const float inv = 1.f / sum;
-        for (int j = 0; j < L; ++j) {
-          r[j] *= inv;
-          out[j] = r[j];
-        }
-        if (drop.on) {
-          drop.factors(rs, i * T, L, keep);
-          for (int j = 0; j < L; ++j) r[j] *= keep[j];
-        }
+    for (int i = 0; i < t.T; ++i) {
+      float* r = S + i * t.Tp;
+      float sum = 0.f;
+      const float top = row_max(r, L);
+      for (int j = 0; j < L; ++j) {
+        r[j] = std::exp((r[j] - top) * scale);
+        sum += r[j];
       }
-      for (int64_t j = L; j < T; ++j) out[j] = 0.f;
+      lse[task * t.T + i] = L ? top * scale + std::log(sum) : 0.f;
+      const float inv = 1.f / sum;
+      if (drop.on) {
+        drop.factors(rs, static_cast<int64_t>(i) * t.T, L, keep);
+        for (int j = 0; j < L; ++j) r[j] *= inv * keep[j];
+      } else {
+        for (int j = 0; j < L; ++j) r[j] *= inv;
+      }
     }
-    gemm(static_cast<int>(T), static_cast<int>(dp), L, S, Tp, 1, V, static_cast<int>(dp), C,
-         static_cast<int>(dp));
-    for (int64_t t = 0; t < T; ++t) {
-      float* y = context + (t * s.B + b) * s.U + h * d;
-      for (int64_t k = 0; k < d; ++k) y[k] = C[t * dp + k];
+    gemm(t.T, t.dp, L, S, t.Tp, 1, V, t.dp, C, t.dp);                 // C = W V
+    for (int i = 0; i < t.T; ++i) {
+      float* y = context + (i * s.B + b) * s.U + h * s.d;
+      for (int k = 0; k < t.d; ++k) y[k] = C[i * t.dp + k];
     }
   }
   return MX_SUCCESS;
@@ -205,86 +184,82 @@ static MXReturnValue backward(const std::unordered_map<std::string, std::string>
   const float* dcontext = (*inputs)[0].data<float>();
   const float* qkv = (*inputs)[3].data<float>();
   const float* length = (*inputs)[4].data<float>();
-  const bool training = (*inputs)[5].data<float>()[0] != 1.f;
-  const float* probs = (*inputs)[7].data<float>();
-  const float* seed = (*inputs)[8].data<float>();
+  const float mode = (*inputs)[5].data<float>()[0];
+  const float* lse = (*inputs)[7].data<float>();
+  const Dropout drop = Dropout::stored(parse_dropout(attrs), mode, (*inputs)[8].data<float>());
   float* dqkv = (*outputs)[0].data<float>();
-  const Dropout drop(parse_dropout(attrs), training, static_cast<uint32_t>(seed[0]),
-                     static_cast<uint32_t>(seed[1]));
   const float scale = 1.f / std::sqrt(static_cast<float>(s.d));
-  const int64_t T = s.T, d = s.d, Tp = s.Tp, dp = s.dp;
-  const int64_t row = s.B * 3 * s.U;
 
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < s.B * s.H; ++task) {
     const int64_t b = task / s.H, h = task % s.H;
-    const int L = valid_keys(length[b], T), nL = round_up(L, bg::VL);
-    const float* base = qkv + b * 3 * s.U + h * 3 * d;
-    float* out = dqkv + b * 3 * s.U + h * 3 * d;
-    float* Q = buffer(0, T * dp);     // T x dp
-    float* K = buffer(1, T * dp);     // L x dp
-    float* Vt = buffer(2, d * Tp);    // d x Tp: V transposed, zero beyond L
-    float* dC = buffer(3, T * dp);    // T x dp
-    float* Pd = buffer(4, T * Tp);    // dropped weights, zero beyond L
-    float* dS = buffer(5, T * Tp);    // d weights, then d scores
-    float* G = buffer(6, 2 * T * dp);  // dQ | dK, then dV
-    float* keep = buffer(7, Tp);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* x = base + t * row;
-      const float* g = dcontext + (t * s.B + b) * s.U + h * d;
-      for (int64_t k = 0; k < dp; ++k) {
-        Q[t * dp + k] = k < d ? x[k] : 0.f;
-        dC[t * dp + k] = k < d ? g[k] : 0.f;
-        if (t < L) K[t * dp + k] = k < d ? x[d + k] : 0.f;
-      }
+    const int L = valid_keys(length[b], s.T);
+    const Task t{qkv + b * 3 * s.U + h * 3 * s.d, s.B * 3 * s.U, static_cast<int>(s.T),
+                 static_cast<int>(s.d), s.Tp, s.dp, L, round_up(L, bg::VL)};
+    const int T = t.T, Tp = t.Tp, dp = t.dp, d = t.d;
+    float* Q = buffer(0, T * dp);       // T x dp
+    float* K = buffer(1, T * dp);       // L x dp
+    float* Kt = buffer(2, d * Tp);      // d x Tp
+    float* Vt = buffer(3, d * Tp);      // d x Tp
+    float* dC = buffer(4, T * dp);      // T x dp
+    float* P = buffer(5, T * Tp);       // weights, recomputed
+    float* Pd = buffer(6, T * Tp);      // weights after dropout (= P without it)
+    float* dS = buffer(7, T * Tp);      // d weights, then d scores
+    float* G = buffer(8, 2 * T * dp);   // dQ | dK, then dV
+    float* keep = buffer(9, Tp);
+    t.pack_rows(0, T, dp, Q);
+    t.pack_rows(1, L, dp, K);
+    t.pack_transposed(1, Kt);
+    t.pack_transposed(2, Vt);
+    for (int i = 0; i < T; ++i) {
+      const float* g = dcontext + (i * s.B + b) * s.U + h * d;
+      for (int k = 0; k < dp; ++k) dC[i * dp + k] = k < d ? g[k] : 0.f;
     }
-    for (int64_t k = 0; k < d; ++k)
-      for (int64_t j = 0; j < nL; ++j) Vt[k * Tp + j] = j < L ? base[j * row + 2 * d + k] : 0.f;
+    t.scores(Q, dp, Kt, P);
     const uint32_t rs = drop.row_seed(task);
-    for (int64_t i = 0; i < T; ++i) {
-      const float* P = probs + (task * T + i) * T;
-      float* r = Pd + i * Tp;
+    float* W = drop.on ? Pd : P;
+    for (int i = 0; i < T; ++i) {
+      float* r = P + i * Tp;
+      const float m = lse[task * T + i];
+      for (int j = 0; j < L; ++j) r[j] = std::exp(r[j] * scale - m);
       if (drop.on) {
-        drop.factors(rs, i * T, L, keep);
-        for (int j = 0; j < L; ++j) r[j] = P[j] * keep[j];
-      } else {
-        for (int j = 0; j < L; ++j) r[j] = P[j];
+        drop.factors(rs, static_cast<int64_t>(i) * T, L, keep);
+        for (int j = 0; j < L; ++j) Pd[i * Tp + j] = r[j] * keep[j];
+        for (int j = L; j < t.nL; ++j) Pd[i * Tp + j] = 0.f;
       }
-      for (int j = L; j < nL; ++j) r[j] = 0.f;
+      for (int j = L; j < t.nL; ++j) r[j] = 0.f;
     }
-    float* dQ = G;
-    float* dK = G + T * dp;
-    // d weights (before dropout's scaling) = dC V^T, then d scores = P * (dW - <dW, P>)
-    gemm(static_cast<int>(T), nL, static_cast<int>(d), dC, dp, 1, Vt, static_cast<int>(Tp), dS,
-         static_cast<int>(Tp));
-    for (int64_t i = 0; i < T; ++i) {
-      const float* P = probs + (task * T + i) * T;
+    // d weights = dC V^T (times the dropout factors), d scores = P * (dW - <dW, P>) * scale
+    gemm(T, t.nL, d, dC, dp, 1, Vt, Tp, dS, Tp);
+    for (int i = 0; i < T; ++i) {
+      const float* p = P + i * Tp;
       float* r = dS + i * Tp;
       if (drop.on) {
-        drop.factors(rs, i * T, L, keep);
+        drop.factors(rs, static_cast<int64_t>(i) * T, L, keep);
         for (int j = 0; j < L; ++j) r[j] *= keep[j];
       }
       float dot = 0.f;
-      for (int j = 0; j < L; ++j) dot += r[j] * P[j];
-      for (int j = 0; j < L; ++j) r[j] = P[j] * (r[j] - dot) * scale;
+      for (int j = 0; j < L; ++j) dot += r[j] * p[j];
+      for (int j = 0; j < L; ++j) r[j] = p[j] * (r[j] - dot) * scale;
     }
-    gemm(static_cast<int>(T), static_cast<int>(dp), L, dS, Tp, 1, K, static_cast<int>(dp), dQ,
-         static_cast<int>(dp));                                       // dQ = dS K
-    gemm(L, static_cast<int>(dp), static_cast<int>(T), dS, 1, Tp, Q, static_cast<int>(dp), dK,
-         static_cast<int>(dp));                                       // dK = dS^T Q
-    for (int64_t t = 0; t < T; ++t) {
-      float* y = out + t * row;
-      for (int64_t k = 0; k < d; ++k) {
-        y[k] = dQ[t * dp + k];
-        y[d + k] = t < L ? dK[t * dp + k] : 0.f;
+    float* dQ = G;
+    float* dK = G + T * dp;
+    gemm(T, dp, L, dS, Tp, 1, K, dp, dQ, dp);                         // dQ = dS K
+    gemm(L, dp, T, dS, 1, Tp, Q, dp, dK, dp);                         // dK = dS^T Q
+    float* out = dqkv + b * 3 * s.U + h * 3 * d;
+    const int64_t row = t.row;
+    for (int i = 0; i < T; ++i) {
+      float* y = out + i * row;
+      for (int k = 0; k < d; ++k) {
+        y[k] = dQ[i * dp + k];
+        y[d + k] = i < L ? dK[i * dp + k] : 0.f;
       }
     }
-    float* dV = G;                                                    // dV = Pd^T dC
-    gemm(L, static_cast<int>(dp), static_cast<int>(T), Pd, 1, Tp, dC, static_cast<int>(dp), dV,
-         static_cast<int>(dp));
-    for (int64_t t = 0; t < T; ++t) {
-      float* y = out + t * row + 2 * d;
-      for (int64_t k = 0; k < d; ++k) y[k] = t < L ? dV[t * dp + k] : 0.f;
+    float* dV = G;                                                    // dV = W^T dC
+    gemm(L, dp, T, W, 1, Tp, dC, dp, dV, dp);
+    for (int i = 0; i < T; ++i) {
+      float* y = out + i * row + 2 * d;
+      for (int k = 0; k < d; ++k) y[k] = i < L ? dV[i * dp + k] : 0.f;
     }
   }
   for (int i = 1; i <= 2; ++i) {
@@ -341,7 +316,7 @@ static MXReturnValue infer_shape(const std::unordered_map<std::string, std::stri
     return MX_FAIL;
   }
   (*out_shapes)[0] = {q[0], q[1], q[2] / 3};
-  (*out_shapes)[1] = {q[1] * heads, q[0], q[0]};
+  (*out_shapes)[1] = {q[1] * heads, q[0]};
   (*out_shapes)[2] = {2};
   return MX_SUCCESS;
 }
