@@ -11,11 +11,11 @@ and those ranges become the fixed INT8 scales (``calib_mode="naive"``: min/max):
 
 This follows GluonNLP 0.10's ``scripts/bert`` recipe: ``quantize_net_v2`` with the
 ``MKLDNN_QUANTIZE`` backend and min/max calibration where GELU output ranges are clipped
-(at 10) so a rare outlier does not waste the 8-bit range. What stays fp32: LayerNorm,
-softmax, the residual additions, the attention-weights x values GEMM (MXNet 1.9.1's quantized ``selfatt_valatt``
-rejects the int8 softmax output), the pooler's tanh and, by default, the final classifier.
-On CPUs without VNNI (AVX2 only) expect well under 2x over fp32 (1.3-1.4x measured for
-MiniLM here; see benchmarks/README.md).
+(at 10) so a rare outlier does not waste the 8-bit range. What stays fp32: the attention core
+(scores, softmax, weighted values: bert_gluon's compiled ``bg_self_attention`` on CPU, see
+:mod:`bert_gluon.ops`), LayerNorm with the residual additions, the pooler's tanh and, by
+default, the final classifier. The speed-up over fp32 depends on the CPU's 8-bit
+instructions (AVX-512 VNNI): see benchmarks/README.md for the measured figures.
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 from mxnet.base import NDArrayHandle, py_str
-
-from .ops import builtin_ops
 
 __all__ = ["quantize_classifier", "quantize_checkpoint_model", "CalibrationCollector"]
 
@@ -156,13 +154,13 @@ def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Iterable,
         collector = CalibrationCollector(clip_gelu, logger)
         mode = "customize"
     flags = dict(getattr(model, "_flags", []))      # export re-hybridizes with defaults
-    with builtin_ops():     # oneDNN's graph passes know MXNet's LayerNorm
-        qnet = quantize_net_v2(model, quantized_dtype=quantized_dtype, quantize_mode="full",
-                               exclude_layers_match=exclude,
-                               exclude_operators=list(exclude_operators), calib_data=loader,
-                               calib_mode=mode,
-                               num_calib_examples=sum(len(b[0]) for b in batches),
-                               ctx=ctx, LayerOutputCollector=collector, logger=logger)
+    # bert_gluon's compiled attention and AddNorm stay in the graph as fp32 nodes (MXNet's
+    # own softmax-with-length alone cost more than all INT8 dense layers together)
+    qnet = quantize_net_v2(model, quantized_dtype=quantized_dtype, quantize_mode="full",
+                           exclude_layers_match=exclude,
+                           exclude_operators=list(exclude_operators), calib_data=loader,
+                           calib_mode=mode, num_calib_examples=sum(len(b[0]) for b in batches),
+                           ctx=ctx, LayerOutputCollector=collector, logger=logger)
     model.hybridize(True, **flags)
     qnet.hybridize(static_alloc=True, static_shape=True)
     return qnet
