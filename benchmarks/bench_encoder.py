@@ -17,7 +17,10 @@ median over ``--repeats`` runs in sequences per second:
 * ``ours``: :class:`bert_gluon.BERTModel`, ``hybridize(static_alloc=True, static_shape=True)``;
 * ``gluonnlp``: ``gluonnlp.model.BERTModel`` with the same configuration and weights,
   ``hybridize(static_alloc=True)`` (its fused interleaved attention ops included);
-* ``torch``: ``transformers.BertModel`` on torch CPU, ``torch.set_num_threads(<cores>)``.
+* ``torch``: ``transformers.BertModel`` on torch CPU, ``torch.set_num_threads(<cores>)``, in
+  its own worker process (``--torch-worker``) that the main process drives in the same
+  alternation: in one process with MXNet, torch ran 20-30 % slower than alone (two OpenMP
+  runtimes), which would flatter us.
 
 ``infer`` is a forward pass in prediction mode; ``train`` is forward + backward + Adam
 update with dropout on, loss = mean of squared pooled output. ``GFLOP/s`` counts the
@@ -57,7 +60,8 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-if "--rss-child=torch" not in sys.argv:      # the torch RSS run must not load MXNet at all
+_TORCH_ONLY = "--rss-child=torch" in sys.argv or "--torch-worker" in sys.argv
+if not _TORCH_ONLY:      # the torch processes must not load MXNet at all
     import bert_gluon  # noqa: E402,F401  (sets OMP_NUM_THREADS to the physical cores)
     from bert_gluon import BERTConfig  # noqa: E402
 
@@ -157,11 +161,14 @@ def thread_check() -> Dict[str, Dict]:
     return out
 
 
-def torch_matmul_gflops(repeats: int = 10) -> float:
-    import torch
-
-    x, w = torch.rand(4096, 768), torch.rand(768, 3072)
-    return _gemm_rate(lambda: torch.matmul(x, w), repeats)
+def torch_matmul_gflops(threads: int) -> float:
+    """torch.matmul 4096x768x3072 with ``threads`` threads, in a fresh process (no MXNet)."""
+    code = ("import sys, torch; sys.path.insert(0, %r); import bench_encoder as b; "
+            "torch.set_num_threads(%d); x, w = torch.rand(4096, 768), torch.rand(768, 3072); "
+            "print(b._gemm_rate(lambda: torch.matmul(x, w), 10))" % (HERE, threads))
+    proc = subprocess.run([sys.executable, "-c", code, "--torch-worker"], capture_output=True,
+                          text=True, check=True)
+    return float(proc.stdout.split()[-1])
 
 
 def _gemm_rate(fn: Callable[[], object], repeats: int) -> float:
@@ -349,6 +356,77 @@ class TorchCandidate(Candidate):
                     self.model(input_ids=words, token_type_ids=segments, attention_mask=mask)
 
 
+class TorchProcess(Candidate):
+    """A :class:`TorchCandidate` living in its own process (``--torch-worker``), driven over
+    JSON lines on its stdin/stdout; batches travel through an ``.npz`` file. ``run`` returns
+    once the worker has finished the pass, so the alternation with the MXNet candidates is
+    the same as in one process, without torch and MXNet sharing one."""
+
+    name = "torch"
+
+    def __init__(self, cfg, threads: int, hf_dir: str):
+        self.tmp = tempfile.mkdtemp(prefix="bench-torch-")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        self._call(cmd="init", config=cfg.to_dict(), threads=threads, hf_dir=hf_dir)
+
+    def _call(self, **msg):
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"torch worker died during {msg['cmd']}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"torch worker: {reply['error']}")
+        return reply
+
+    def load(self, batches):
+        path = os.path.join(self.tmp, "batches.npz")
+        np.savez(path, **{f"{k}{i}": a for i, b in enumerate(batches) for k, a in zip("wsv", b)})
+        self._call(cmd="load", path=path, n=len(batches))
+
+    def run(self, train):
+        self._call(cmd="run", train=train)
+
+    def pooled(self) -> np.ndarray:
+        path = os.path.join(self.tmp, "pooled.npy")
+        self._call(cmd="pooled", path=path)
+        return np.load(path)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def torch_worker() -> None:
+    """The other end of :class:`TorchProcess` (no MXNet in this process)."""
+    cand = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["cmd"] == "init":
+                cfg = types.SimpleNamespace(**msg["config"])
+                cand = TorchCandidate(cfg, msg["threads"], msg["hf_dir"])
+            elif msg["cmd"] == "load":
+                z = np.load(msg["path"])
+                cand.load([tuple(z[f"{k}{i}"] for k in "wsv") for i in range(msg["n"])])
+            elif msg["cmd"] == "run":
+                cand.run(msg["train"])
+            elif msg["cmd"] == "pooled":
+                cand.model.eval()
+                w, s, m = cand.inputs[0]
+                with cand.torch.inference_mode():
+                    out = cand.model(input_ids=w, token_type_ids=s, attention_mask=m)
+                np.save(msg["path"], out.pooler_output.numpy())
+            reply = {"ok": True}
+        except Exception as e:  # noqa: BLE001  (reported to the driving process)
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(reply), flush=True)
+
+
 def same_weights_candidates(cfg: BERTConfig, vocab: str, threads: int) -> List[Candidate]:
     """Ours, GluonNLP and transformers holding the same (random) weights, copied through
     :mod:`bert_gluon.checkpoints`."""
@@ -359,7 +437,7 @@ def same_weights_candidates(cfg: BERTConfig, vocab: str, threads: int) -> List[C
     with tempfile.TemporaryDirectory() as tmp:
         gnlp = gluonnlp_model(cfg, save_gluonnlp(ours, os.path.join(tmp, "gluonnlp.params")))
         save_huggingface(ours, Tokenizer.from_file(vocab), os.path.join(tmp, "hf"))
-        torch_cand = TorchCandidate(cfg, threads, os.path.join(tmp, "hf"))
+        torch_cand = TorchProcess(cfg, threads, os.path.join(tmp, "hf"))
     return [MXNetCandidate(ours, "ours"), MXNetCandidate(gnlp, "gluonnlp"), torch_cand]
 
 
@@ -368,12 +446,9 @@ def check_same_outputs(cands: Sequence[Candidate], batches: Sequence[Batch]) -> 
     words, segments, valid = batches[0]
     pooled = {}
     for c in cands:
-        if isinstance(c, TorchCandidate):
+        if isinstance(c, TorchProcess):
             c.load(batches)
-            c.model.eval()
-            with c.torch.inference_mode():
-                pooled[c.name] = c.model(input_ids=c.inputs[0][0], token_type_ids=c.inputs[0][1],
-                                         attention_mask=c.inputs[0][2]).pooler_output.numpy()
+            pooled[c.name] = c.pooled()
         else:
             c.load(batches)
             pooled[c.name] = c.net(*c.inputs[0])[1].asnumpy()
@@ -467,12 +542,12 @@ def run_benchmark(args) -> Dict:
                       "inference + 2 training steps at batch x length), VmHWM of that process",
         "rows": [], "fast_paths": [],
     }
-    import torch
-    import transformers
-
-    result["torch"], result["transformers"] = torch.__version__, transformers.__version__
+    versions = subprocess.run([sys.executable, "-c", "import torch, transformers; "
+                               "print(torch.__version__, transformers.__version__)"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    result["torch"], result["transformers"] = versions[-2:]
     result["peak_gflops"] = {"mx_fully_connected": mx_matmul_gflops(),
-                             "torch_matmul": torch_matmul_gflops()}
+                             "torch_matmul": torch_matmul_gflops(threads)}
     print(f"OMP_NUM_THREADS={threads}  matmul peak 4096x768x3072: "
           f"MXNet FullyConnected {result['peak_gflops']['mx_fully_connected']:.0f} GFLOP/s, "
           f"torch.matmul {result['peak_gflops']['torch_matmul']:.0f} GFLOP/s", flush=True)
@@ -499,6 +574,9 @@ def run_benchmark(args) -> Dict:
         cands = same_weights_candidates(cfg, args.vocab, threads)
         result.setdefault("same_weights_max_abs_diff", {})[shape] = check_same_outputs(
             cands, fixed_batch(4, 16, cfg.vocab_size, seed=1))
+        for c in cands:
+            if c.name not in args.candidates and isinstance(c, TorchProcess):
+                c.close()
         cands = [c for c in cands if c.name in args.candidates]
         workloads = {}
         if "fixed128" in args.workloads:
@@ -524,6 +602,9 @@ def run_benchmark(args) -> Dict:
                                                      / row[other]["seq_per_s"])
                 result["rows"].append(row)
                 print(format_row(row), flush=True)
+        for c in cands:
+            if isinstance(c, TorchProcess):
+                c.close()
         del cands
         if args.fast_paths:
             result["fast_paths"] += fast_paths(cfg, shape, args, mrpc)
@@ -639,8 +720,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="skip the with/without `import bert_gluon` matmul comparison")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.torch_worker:
+        torch_worker()
+        return
     if args.rss_child:
         print(json.dumps(rss_child(args.rss_child, args.shapes[0], args.batch_size,
                                    args.length)))

@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +39,9 @@ def run_ours(a: argparse.Namespace) -> dict:
     import bert_gluon  # noqa: F401  (threads before mxnet)
     from bert_gluon.finetuning import FinetuneArgs, finetune
 
-    out = tempfile.mkdtemp(prefix=f"ours-seed{a.seed}-")
+    # kept (runs/ is not committed): bench_int8.py --checkpoint runs/finetune_mrpc/ours-seedN/best
+    out = os.path.join(ROOT, "runs", "finetune_mrpc", f"ours-seed{a.seed}")
+    shutil.rmtree(out, ignore_errors=True)
     s = finetune(FinetuneArgs(task="mrpc", model="all-MiniLM-L6-v2", output_dir=out,
                               epochs=a.epochs, batch_size=32, max_len=128, lr=5e-5,
                               warmup_ratio=0.1, weight_decay=0.01, optimizer=a.optimizer,
@@ -47,7 +49,8 @@ def run_ours(a: argparse.Namespace) -> dict:
                               max_train_examples=a.max_train, progress=False))
     last = s["last_dev"]
     return {"accuracy": last["accuracy"], "f1": last["f1"], "train_time": s["train_time"],
-            "best_epoch": s["best_epoch"], "best_accuracy": s["dev"]["accuracy"]}
+            "best_epoch": s["best_epoch"], "best_accuracy": s["dev"]["accuracy"],
+            "output_dir": os.path.relpath(out, ROOT)}
 
 
 def run_hf(a: argparse.Namespace) -> dict:
@@ -150,7 +153,7 @@ def main() -> None:
             procs = []
             for impl in ("ours", "hf"):
                 cmd = [sys.executable, __file__, "--only", impl, "--seed", str(seed),
-                       "--epochs", str(a.epochs), "--optimizer", a.optimizer]
+                       "--epochs", str(a.epochs), "--optimizer", a.optimizer, "--out", a.out]
                 if a.max_train:
                     cmd += ["--max-train", str(a.max_train)]
                 env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
