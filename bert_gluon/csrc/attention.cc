@@ -56,14 +56,9 @@ Shape shape_of(const MXTensor& qkv, int heads) {
   return s;
 }
 
-int parse_heads(const std::unordered_map<std::string, std::string>& attrs) {
-  auto it = attrs.find("heads");
-  return it == attrs.end() ? 0 : std::stoi(it->second);
-}
+int parse_heads(const bg::Attrs& attrs) { return bg::parse_int(attrs, "heads", 0); }
 
-float parse_dropout(const std::unordered_map<std::string, std::string>& attrs) {
-  return bg::parse_float(attrs, "dropout", 0.f);
-}
+float parse_dropout(const bg::Attrs& attrs) { return bg::parse_float(attrs, "dropout", 0.f); }
 
 int valid_keys(float length, int64_t T) {
   const int64_t L = static_cast<int64_t>(length);
@@ -119,6 +114,13 @@ struct Task {
   }
 };
 
+Task make_task(const Shape& s, const float* qkv, const float* length, int64_t task) {
+  const int64_t b = task / s.H, h = task % s.H;
+  const int L = valid_keys(length[b], s.T);
+  return Task{qkv + b * 3 * s.U + h * 3 * s.d, s.B * 3 * s.U, static_cast<int>(s.T),
+              static_cast<int>(s.d), s.Tp, s.dp, L, round_up(L, bg::VL)};
+}
+
 
 }  // namespace
 
@@ -137,9 +139,8 @@ static MXReturnValue forward(const std::unordered_map<std::string, std::string>&
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < s.B * s.H; ++task) {
     const int64_t b = task / s.H, h = task % s.H;
-    const int L = valid_keys(length[b], s.T);
-    const Task t{qkv + b * 3 * s.U + h * 3 * s.d, s.B * 3 * s.U, static_cast<int>(s.T),
-                 static_cast<int>(s.d), s.Tp, s.dp, L, round_up(L, bg::VL)};
+    const Task t = make_task(s, qkv, length, task);
+    const int L = t.L;
     float* Q = buffer(0, t.T * t.d);       // T x d
     float* Kt = buffer(1, t.d * t.Tp);     // d x Tp
     float* V = buffer(2, t.T * t.dp);      // L x dp
@@ -193,9 +194,8 @@ static MXReturnValue backward(const std::unordered_map<std::string, std::string>
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t task = 0; task < s.B * s.H; ++task) {
     const int64_t b = task / s.H, h = task % s.H;
-    const int L = valid_keys(length[b], s.T);
-    const Task t{qkv + b * 3 * s.U + h * 3 * s.d, s.B * 3 * s.U, static_cast<int>(s.T),
-                 static_cast<int>(s.d), s.Tp, s.dp, L, round_up(L, bg::VL)};
+    const Task t = make_task(s, qkv, length, task);
+    const int L = t.L;
     const int T = t.T, Tp = t.Tp, dp = t.dp, d = t.d;
     float* Q = buffer(0, T * dp);       // T x dp
     float* K = buffer(1, T * dp);       // L x dp
@@ -262,13 +262,8 @@ static MXReturnValue backward(const std::unordered_map<std::string, std::string>
       for (int k = 0; k < d; ++k) y[k] = i < L ? dV[i * dp + k] : 0.f;
     }
   }
-  for (int i = 1; i <= 2; ++i) {
-    MXTensor& g = (*outputs)[i];
-    if (g.data_ptr != nullptr) {
-      float* x = g.data<float>();
-      for (int64_t n = 0; n < g.size(); ++n) x[n] = 0.f;
-    }
-  }
+  bg::zero((*outputs)[1]);
+  bg::zero((*outputs)[2]);
   return MX_SUCCESS;
 }
 
@@ -288,16 +283,9 @@ static MXReturnValue parse_attrs(const std::unordered_map<std::string, std::stri
   return MX_SUCCESS;
 }
 
-static MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
-                                std::vector<int>* in_types, std::vector<int>* out_types) {
-  for (size_t i = 0; i < in_types->size(); ++i) {
-    if ((*in_types)[i] != kFloat32) {
-      MX_ERROR_MSG << "bg_self_attention: input " << i << " must be float32";
-      return MX_FAIL;
-    }
-  }
-  for (auto& t : *out_types) t = kFloat32;
-  return MX_SUCCESS;
+static MXReturnValue infer_type(const bg::Attrs& attrs, std::vector<int>* in_types,
+                                std::vector<int>* out_types) {
+  return bg::all_float32("bg_self_attention", in_types, out_types);
 }
 
 static MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& attrs,

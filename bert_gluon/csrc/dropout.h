@@ -7,8 +7,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <string>
-#include <unordered_map>
+#include "common.h"
 #include "mxnet/lib_api.h"
 
 namespace bg {
@@ -20,12 +19,6 @@ inline uint32_t mix(uint32_t x) {   // "lowbias32" integer hash (C. Wellons)
   x *= 0x846ca68bu;
   x ^= x >> 16;
   return x;
-}
-
-inline float parse_float(const std::unordered_map<std::string, std::string>& attrs,
-                         const char* name, float fallback) {
-  auto it = attrs.find(name);
-  return it == attrs.end() ? fallback : std::stof(it->second);
 }
 
 struct Dropout {

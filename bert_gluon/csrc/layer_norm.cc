@@ -28,8 +28,17 @@ using namespace mxnet::ext;
 
 namespace {
 
-float parse_eps(const std::unordered_map<std::string, std::string>& attrs) {
-  return bg::parse_float(attrs, "eps", 1e-5f);
+float parse_eps(const bg::Attrs& attrs) { return bg::parse_float(attrs, "eps", 1e-5f); }
+
+// s = x + dropout(y) for one row of C (factor: scratch for the dropout factors)
+inline void residual_row(const bg::Dropout& drop, int64_t i, const float* x, const float* y,
+                         int64_t C, float* s, float* factor) {
+  if (drop.on) {
+    drop.factors(drop.row_seed(i), 0, C, factor);
+    for (int64_t c = 0; c < C; ++c) s[c] = x[c] + y[c] * factor[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) s[c] = x[c] + y[c];
+  }
 }
 
 // y = (s - mean) * rstd * g + b over one row of C values
@@ -106,12 +115,6 @@ void backward_rows(int64_t N, int64_t C, const float* dy, const float* g, const 
   }
 }
 
-void zero(MXTensor& t) {
-  if (t.data_ptr == nullptr) return;
-  float* x = t.data<float>();
-  for (int64_t n = 0; n < t.size(); ++n) x[n] = 0.f;
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- bg_layer_norm
@@ -179,13 +182,7 @@ static MXReturnValue an_forward(const std::unordered_map<std::string, std::strin
     float *s = buf.data(), *factor = s + C;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < N; ++i) {
-      const float *xr = x + i * C, *yr = yin + i * C;
-      if (drop.on) {
-        drop.factors(drop.row_seed(i), 0, C, factor);
-        for (int64_t c = 0; c < C; ++c) s[c] = xr[c] + yr[c] * factor[c];
-      } else {
-        for (int64_t c = 0; c < C; ++c) s[c] = xr[c] + yr[c];
-      }
+      residual_row(drop, i, x + i * C, yin + i * C, C, s, factor);
       normalize_row(s, g, b, eps, C, out + i * C, mean + i, rstd + i);
     }
   }
@@ -210,13 +207,7 @@ static MXReturnValue an_backward(const std::unordered_map<std::string, std::stri
                 (*inputs)[10].data<float>(), (*inputs)[11].data<float>(),
                 (*outputs)[2].data<float>(), (*outputs)[3].data<float>(),
                 [&](int64_t i, float* s, float* factor) {
-                  const float *xr = x + i * C, *yr = yin + i * C;
-                  if (drop.on) {
-                    drop.factors(drop.row_seed(i), 0, C, factor);
-                    for (int64_t c = 0; c < C; ++c) s[c] = xr[c] + yr[c] * factor[c];
-                  } else {
-                    for (int64_t c = 0; c < C; ++c) s[c] = xr[c] + yr[c];
-                  }
+                  residual_row(drop, i, x + i * C, yin + i * C, C, s, factor);
                   return static_cast<const float*>(s);
                 },
                 [&](int64_t i, const float* ds, const float* factor) {
@@ -228,7 +219,7 @@ static MXReturnValue an_backward(const std::unordered_map<std::string, std::stri
                     for (int64_t c = 0; c < C; ++c) dyr[c] = ds[c];
                   }
                 });
-  zero((*outputs)[4]);
+  bg::zero((*outputs)[4]);
   return MX_SUCCESS;
 }
 
@@ -246,16 +237,9 @@ static MXReturnValue parse_attrs(const std::unordered_map<std::string, std::stri
   return MX_SUCCESS;
 }
 
-static MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
-                                std::vector<int>* in_types, std::vector<int>* out_types) {
-  for (size_t i = 0; i < in_types->size(); ++i) {
-    if ((*in_types)[i] != kFloat32) {
-      MX_ERROR_MSG << "bg_layer_norm / bg_add_norm: input " << i << " must be float32";
-      return MX_FAIL;
-    }
-  }
-  for (auto& t : *out_types) t = kFloat32;
-  return MX_SUCCESS;
+static MXReturnValue infer_type(const bg::Attrs& attrs, std::vector<int>* in_types,
+                                std::vector<int>* out_types) {
+  return bg::all_float32("bg_layer_norm / bg_add_norm", in_types, out_types);
 }
 
 // data inputs first (1 for LayerNorm, 2 for AddNorm), then gamma and beta

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <string>
 #include <vector>
+#include "common.h"
 #include "mxnet/lib_api.h"
 
 using namespace mxnet::ext;
@@ -69,11 +70,7 @@ static MXReturnValue backward(const std::unordered_map<std::string, std::string>
     for (int64_t c = 0; c < V; ++c) dxr[c] = g * std::exp(xr[c] - l);
     dxr[static_cast<int64_t>(label[i])] -= g;
   }
-  MXTensor& dlabel = (*outputs)[1];
-  if (dlabel.data_ptr != nullptr) {
-    float* dl = dlabel.data<float>();
-    for (int64_t i = 0; i < dlabel.size(); ++i) dl[i] = 0.f;
-  }
+  bg::zero((*outputs)[1]);
   return MX_SUCCESS;
 }
 
@@ -84,16 +81,9 @@ static MXReturnValue parse_attrs(const std::unordered_map<std::string, std::stri
   return MX_SUCCESS;
 }
 
-static MXReturnValue infer_type(const std::unordered_map<std::string, std::string>& attrs,
-                                std::vector<int>* in_types, std::vector<int>* out_types) {
-  for (size_t i = 0; i < in_types->size(); ++i) {
-    if ((*in_types)[i] != kFloat32) {
-      MX_ERROR_MSG << "bg_softmax_ce: input " << i << " must be float32";
-      return MX_FAIL;
-    }
-  }
-  for (auto& t : *out_types) t = kFloat32;
-  return MX_SUCCESS;
+static MXReturnValue infer_type(const bg::Attrs& attrs, std::vector<int>* in_types,
+                                std::vector<int>* out_types) {
+  return bg::all_float32("bg_softmax_ce", in_types, out_types);
 }
 
 static MXReturnValue infer_shape(const std::unordered_map<std::string, std::string>& attrs,
