@@ -64,6 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--calib-examples", type=int, default=320)
     p.add_argument("--calib-mode", default="naive", choices=["naive", "entropy"])
+    p.add_argument("--granularity", default="tensor-wise", choices=["tensor-wise", "channel-wise"],
+                   help="INT8 weight scales per layer or per output unit")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--shape", default=None, choices=sorted(PRESETS),
@@ -102,7 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     t = time.perf_counter()
     qnet = quantize_checkpoint_model(model, tokenizer, dict(meta, task=task),
                                      data_dir=args.data_dir, num_examples=args.calib_examples,
-                                     batch_size=args.batch_size, calib_mode=args.calib_mode)
+                                     batch_size=args.batch_size, calib_mode=args.calib_mode,
+                                     granularity=args.granularity)
     quantize_s = time.perf_counter() - t
 
     dev = transform_examples(load_task(task, "dev", args.data_dir), transform, "dev")
@@ -112,7 +115,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                     "command": " ".join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
                     "omp_num_threads": int(os.environ["OMP_NUM_THREADS"]),
                     "load_avg_at_start": os.getloadavg(), "calib_examples": args.calib_examples,
-                    "calib_mode": args.calib_mode, "quantize_seconds": quantize_s,
+                    "calib_mode": args.calib_mode, "granularity": args.granularity,
+                    "quantize_seconds": quantize_s,
                     "dev_examples": len(dev), "metrics": {}, "speed": {}}
     nets = {"fp32": model, "int8": qnet}
     for name, net in nets.items():
@@ -142,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     result["load_avg_at_end"] = os.getloadavg()
 
     print(f"checkpoint {result['checkpoint']}  ({task} dev, {len(dev)} examples; calibrated on "
-          f"{args.calib_examples} train pairs, {args.calib_mode}, {quantize_s:.0f} s)")
+          f"{args.calib_examples} train pairs, {args.calib_mode}, {args.granularity}, "
+          f"{quantize_s:.0f} s)")
     print(f"{'':22s} {'fp32':>10s} {'int8':>10s}")
     for m in ("accuracy", "f1"):
         print(f"{'dev ' + m:22s} {result['metrics']['fp32'][m]:10.4f} "
