@@ -244,6 +244,8 @@ def ours_model(cfg: BERTConfig, hybridize: str = "static", fused: bool = True, s
             block.attention.hybrid_forward = types.MethodType(plain_attention, block.attention)
     if hybridize == "static":
         net.hybridize(static_alloc=True, static_shape=True)
+    elif hybridize == "alloc":           # what fine-tuning uses: shapes change batch to batch
+        net.hybridize(static_alloc=True)
     elif hybridize == "onednn":          # + oneDNN subgraph fusion (FC+GELU...), inference only
         net.hybridize(static_alloc=True, static_shape=True, backend="MKLDNN")
     elif hybridize == "plain":
@@ -651,6 +653,10 @@ def fast_paths(cfg: BERTConfig, shape: str, args, mrpc: Dict[str, List[Batch]]) 
                                ("mrpc bucketed", "bucketed")):
                 compare(title, [MXNetCandidate(net, "ours")], mrpc[lay], train)
     if mrpc:
+        for train in (False, True):     # static_shape re-plans memory whenever a shape changes
+            compare("static_shape, bucketed mrpc", [
+                MXNetCandidate(ours_model(cfg, "static"), "static_alloc+static_shape"),
+                MXNetCandidate(ours_model(cfg, "alloc"), "static_alloc")], mrpc["bucketed"], train)
         net = ours_model(cfg)
         compare("host sync per step (mrpc)",
                 [MXNetCandidate(net, "loss.asscalar() each step", sync_every_step=True),

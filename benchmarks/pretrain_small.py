@@ -105,6 +105,8 @@ def main() -> None:
     eval_small = {k: v[:256] for k, v in eval_all.items()}
     overrides = {} if args.dropout is None else dict(dropout=args.dropout,
                                                      attention_dropout=args.dropout)
+    if args.seq_len > BERTConfig.preset(args.preset).max_length:
+        overrides["max_length"] = args.seq_len   # position table long enough for --seq-len
     config = BERTConfig.preset(args.preset, vocab_size=len(tok), **overrides)
 
     # the schedule: warm-up then linear decay over --max-steps, or ending at the time budget
