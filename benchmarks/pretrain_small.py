@@ -1,5 +1,6 @@
 """Acceptance run: pre-train ``BERTConfig.preset("small")`` from scratch on the Gutenberg books
-minus three held out, within a wall-time budget, then evaluate on the held-out books.
+minus three held out, within a wall-time budget, then evaluate on the held-out books
+(``--corpus wikitext``: train on WikiText-2 valid, evaluate on WikiText-2 test).
 
     nice -n 5 nohup .venv/bin/python benchmarks/pretrain_small.py --minutes 25 \\
         > runs/pretrain_small.out 2>&1 &
@@ -49,13 +50,25 @@ def shared(env: str, name: str) -> str:
     return os.environ.get(env) or os.path.join(ROOT, "..", "shared", "data", name)
 
 
-def make_data(files, out, tok, args) -> dict:
+def make_data(files, out, tok, args, dupe_factor: int = 1) -> dict:
     if os.path.exists(os.path.join(out, "meta.json")):
         with open(os.path.join(out, "meta.json")) as f:
             return json.load(f)
     return create_pretraining_data(files, out, tok, max_seq_length=args.seq_len,
                                    max_predictions_per_seq=args.max_predictions,
-                                   num_workers=2, seed=args.seed, dupe_factor=1)
+                                   num_workers=2, seed=args.seed, dupe_factor=dupe_factor)
+
+
+def corpus_files(corpus: str):
+    """``(train files, held-out files)`` of the acceptance corpus."""
+    if corpus == "wikitext":
+        folder = shared("WIKITEXT2_DIR", "wikitext-2")
+        return [os.path.join(folder, "wiki.valid.tokens")], [os.path.join(folder, "wiki.test.tokens")]
+    books = sorted(glob.glob(os.path.join(shared("GUTENBERG_DIR", "gutenberg"), "*.txt")))
+    train_files = [b for b in books if os.path.basename(b) not in HELD_OUT]
+    eval_files = [b for b in books if os.path.basename(b) in HELD_OUT]
+    assert len(eval_files) == 3, eval_files
+    return train_files, eval_files
 
 
 def main() -> None:
@@ -75,6 +88,10 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout and attention dropout (default: the preset's 0.1; a budget of "
                    "minutes is far from overfitting, and dropout slows early learning)")
+    p.add_argument("--corpus", default="gutenberg", choices=["gutenberg", "wikitext"],
+                   help="Gutenberg books minus 3 held out, or WikiText-2 valid (test held out)")
+    p.add_argument("--dupe-factor", type=int, default=1,
+                   help="passes over the training text, each with new pairs and masks")
     p.add_argument("--note", default="", help="conditions of the run, kept in the result")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "pretrain_small"))
     p.add_argument("--run-name", default="train", help="folder under --out for this run")
@@ -83,17 +100,17 @@ def main() -> None:
 
     vocab = os.environ.get("BERT_VOCAB") or os.path.join(shared("", "vocab"),
                                                           "bert-base-uncased-vocab.txt")
-    books = sorted(glob.glob(os.path.join(shared("GUTENBERG_DIR", "gutenberg"), "*.txt")))
-    train_files = [b for b in books if os.path.basename(b) not in HELD_OUT]
-    eval_files = [b for b in books if os.path.basename(b) in HELD_OUT]
-    assert len(eval_files) == 3, eval_files
+    train_files, eval_files = corpus_files(args.corpus)
     tok = Tokenizer.from_file(vocab)
 
     t0 = time.time()
     suffix = f"L{args.seq_len}P{args.max_predictions}"
-    train_dir = os.path.join(args.out, f"data_train_{suffix}")
+    if args.corpus != "gutenberg":
+        suffix = f"{args.corpus}_{suffix}"
+    train_suffix = suffix + (f"D{args.dupe_factor}" if args.dupe_factor != 1 else "")
+    train_dir = os.path.join(args.out, f"data_train_{train_suffix}")
     eval_dir = os.path.join(args.out, f"data_eval_{suffix}")
-    train_meta = make_data(train_files, train_dir, tok, args)
+    train_meta = make_data(train_files, train_dir, tok, args, args.dupe_factor)
     eval_meta = make_data(eval_files, eval_dir, tok, args)
     print(f"data: {train_meta['stats']['instances']} train pairs, "
           f"{eval_meta['stats']['instances']} held-out pairs ({time.time() - t0:.0f} s)",
@@ -126,11 +143,12 @@ def main() -> None:
     result = {
         "command": ".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]),
         "model": dict(preset=args.preset, **config.to_dict()),
+        "corpus": args.corpus,
         "train_books": [os.path.basename(b) for b in train_files],
-        "held_out_books": list(HELD_OUT),
+        "held_out_books": [os.path.basename(b) for b in eval_files],
         "data": {"train_pairs": train_meta["stats"]["instances"],
                  "held_out_pairs_evaluated": int(len(eval_arrays["valid_length"])),
-                 "max_seq_length": args.seq_len, "max_predictions_per_seq": args.max_predictions},
+                 "dupe_factor": args.dupe_factor, "max_seq_length": args.seq_len, "max_predictions_per_seq": args.max_predictions},
         "hyper": {"batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
                   "optimizer": args.optimizer, "weight_decay": 0.01, "seed": args.seed,
                   "total_steps_planned": total_steps, "minutes_budget": args.minutes},
