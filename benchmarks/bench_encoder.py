@@ -106,13 +106,14 @@ def fixed_batch(batch_size: int, length: int, vocab_size: int, seed: int = 0) ->
     return [(words, segments, np.full((batch_size,), length, dtype=np.float32))]
 
 
-def forward_flops(cfg: BERTConfig, batches: Sequence[Batch]) -> float:
-    """Multiply-add work (2 FLOPs each) of one forward pass over the padded batches."""
+def forward_flops(cfg: BERTConfig, batches: Sequence[Batch], attention: bool = True) -> float:
+    """Multiply-add work (2 FLOPs each) of one forward pass over the padded batches;
+    ``attention=False``: the dense layers (FullyConnected) only."""
     C, H, L = cfg.units, cfg.hidden_size, cfg.num_layers
     total = 0.0
     for words, _, _ in batches:
         B, T = words.shape
-        per_layer = 2 * B * T * (4 * C * C + 2 * C * H) + 2 * 2 * B * T * T * C
+        per_layer = 2 * B * T * (4 * C * C + 2 * C * H) + attention * 2 * 2 * B * T * T * C
         total += L * per_layer + 2 * B * C * C        # + pooler
     return total
 

@@ -25,13 +25,6 @@ import mxnet as mx  # noqa: E402
 from bert_gluon import BERTConfig  # noqa: E402
 
 
-def fc_flops(cfg: BERTConfig, batches) -> float:
-    """Dense-layer FLOPs of one inference pass (QKV, output, two FFN layers per block)."""
-    per_token = 2 * cfg.num_layers * (3 * cfg.units ** 2 + cfg.units ** 2
-                                      + 2 * cfg.units * cfg.hidden_size)
-    return per_token * sum(w.shape[0] * w.shape[1] for w, _, _ in batches)
-
-
 def profile(cfg: BERTConfig, batches, passes: int) -> dict:
     cand = B.MXNetCandidate(B.ours_model(cfg, "alloc"), "ours")
     cand.load(batches)
@@ -50,7 +43,8 @@ def profile(cfg: BERTConfig, batches, passes: int) -> dict:
     total = sum(op_ms.values())
     return {"seconds_per_pass": seconds, "operator_ms_per_pass": op_ms,
             "share": {k: v / total for k, v in op_ms.items()},
-            "fc_gflops": fc_flops(cfg, batches) / (op_ms.get("FullyConnected", 0) / 1e3) / 1e9}
+            "fc_gflops": B.forward_flops(cfg, batches, attention=False)
+            / (op_ms.get("FullyConnected", 0) / 1e3) / 1e9}
 
 
 def main() -> None:
