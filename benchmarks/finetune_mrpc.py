@@ -24,6 +24,7 @@ after the other: on a machine shared with other jobs both then see the same load
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -188,7 +189,7 @@ def main() -> None:
     p.add_argument("--only", choices=list(RUNNERS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--pairs-in-parallel", action="store_true",
-                   help="run ours and transformers of one seed at the same time")
+                   help="run the sides of one seed at the same time")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam"],
                    help="ours: bias-corrected AdamW (as torch) or BERT's uncorrected BERTAdam")
     p.add_argument("--collect", action="store_true", help="only summarize existing run files")
@@ -208,12 +209,9 @@ def main() -> None:
 
     runs_dir = os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
     os.makedirs(runs_dir, exist_ok=True)
-    if "trainer" in a.impls and not a.collect:
-        try:
-            import accelerate  # noqa: F401
-        except ImportError:
-            raise SystemExit("--impls trainer needs accelerate (pip install accelerate), "
-                             "or leave it out: --impls ours hf")
+    if "trainer" in a.impls and not a.collect and importlib.util.find_spec("accelerate") is None:
+        raise SystemExit("--impls trainer needs accelerate (pip install -e '.[bench]'), "
+                         "or leave it out: --impls ours hf")
     if not a.collect:
         for seed in a.seeds:
             procs = []
