@@ -12,7 +12,8 @@ and report the dev accuracy / F1 of the model after the last epoch and the wall 
 training loop (tokenization and dev evaluation excluded).
 
     .venv/bin/python benchmarks/finetune_mrpc.py              # the full benchmark (~55 min)
-    .venv/bin/python benchmarks/finetune_mrpc.py --seeds 1 --epochs 1 --max-train 256  # smoke
+    .venv/bin/python benchmarks/finetune_mrpc.py --seeds 1 --epochs 1 --max-train 256 \
+        --out /tmp/smoke/finetune_smoke.json                                             # smoke
 
 Each run is a separate process (MXNet and torch do not share a process) and writes
 ``benchmarks/results/finetune_mrpc_runs/<impl>-seed<N>.json``. ``--pairs-in-parallel`` runs
@@ -44,8 +45,10 @@ def run_ours(a: argparse.Namespace) -> dict:
     import bert_gluon  # noqa: F401  (threads before mxnet)
     from bert_gluon.finetuning import FinetuneArgs, finetune
 
-    # kept (runs/ is not committed): bench_int8.py --checkpoint runs/finetune_mrpc/ours-seedN/best
-    out = os.path.join(ROOT, "runs", "finetune_mrpc", f"ours-seed{a.seed}")
+    # kept (runs/ is not committed): bench_int8.py --checkpoint runs/finetune_mrpc/ours-seedN/best;
+    # named after --out, so a smoke run with its own --out leaves the benchmark's checkpoints be
+    name = os.path.splitext(os.path.basename(a.out))[0]
+    out = os.path.join(ROOT, "runs", name, f"ours-seed{a.seed}")
     shutil.rmtree(out, ignore_errors=True)
     s = finetune(FinetuneArgs(task="mrpc", model="all-MiniLM-L6-v2", output_dir=out,
                               epochs=a.epochs, batch_size=32, max_len=128, lr=5e-5,

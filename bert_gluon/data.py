@@ -490,11 +490,12 @@ class BERTDatasetTransform:
 
 
 def transform_examples(examples: Sequence[tuple], transform: BERTDatasetTransform,
-                       desc: str = "tokenizing") -> List[tuple]:
-    """Apply ``transform`` to every example, with a progress bar."""
+                       desc: str = "tokenizing", progress: bool = True) -> List[tuple]:
+    """Apply ``transform`` to every example, with a progress bar unless ``progress=False``."""
     from tqdm.auto import tqdm
 
-    return [transform(e) for e in tqdm(examples, desc=desc, leave=False, mininterval=1.0)]
+    return [transform(e) for e in tqdm(examples, desc=desc, leave=False, mininterval=1.0,
+                                       disable=not progress)]
 
 
 def batchify_fn(pad_id: int, has_label: bool = True, regression: bool = False):

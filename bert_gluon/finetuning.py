@@ -208,9 +208,9 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
                                      pair=pair)
     train_raw, train_stats = load_data(args, "train")
     dev_raw, dev_stats = load_data(args, "dev")
-    train = transform_examples(train_raw, transform, "tokenizing train")
+    train = transform_examples(train_raw, transform, "tokenizing train", args.progress)
     train_truncated = transform.num_truncated
-    dev = transform_examples(dev_raw, transform, "tokenizing dev")
+    dev = transform_examples(dev_raw, transform, "tokenizing dev", args.progress)
     dev_labels = np.array([s[3] for s in dev])
     logger = JsonlLogger(os.path.join(out, "metrics.jsonl"))
     logger.log(event="data", train=len(train), dev=len(dev), train_skipped=train_stats.skipped,
