@@ -9,6 +9,10 @@
    (the same bucketed batches ``bert-gluon evaluate`` uses): accuracy and F1.
 4. Time both, alternating in one process, median of ``--repeats`` passes: over the dev set
    (bucketed, batch ``--batch-size``) and over one fixed batch 32 x 128.
+5. The ceiling: the model's dense layers alone (its four GEMM shapes at 32 x 128 rows), fp32
+   ``FullyConnected`` against oneDNN's INT8 ``quantized_fully_connected``, alternating. Their
+   share of the fp32 pass and their INT8 speed-up bound the whole pass (Amdahl), if nothing
+   else got faster and quantizing cost nothing.
 
 Writes ``benchmarks/results/int8_<time>.json`` and prints one table.
 """
@@ -48,6 +52,35 @@ def time_alternating(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[s
             fn()
             times[name].append(time.perf_counter() - t)
     return times
+
+
+def dense_layer_ceiling(cfg: BERTConfig, rows: int, repeats: int) -> Dict:
+    """Seconds per pass of the encoder's dense layers at ``rows`` tokens, fp32 and INT8.
+
+    Per layer: the fused QKV projection (units -> 3 units), the attention output (units ->
+    units) and the two feed-forward layers (units -> hidden -> units), each timed alone on
+    random data (INT8: s8 inputs and weights, s32 bias, as the quantized graph feeds them)."""
+    rng = np.random.RandomState(0)
+    C, H = cfg.units, cfg.hidden_size
+    shapes = [(C, 3 * C), (C, C), (C, H), (H, C)]
+    fns: Dict[str, Callable[[], None]] = {}
+    lo, hi = mx.nd.array([-1.0]), mx.nd.array([1.0])
+    for k, n in shapes:
+        x8 = mx.nd.array(rng.randint(-127, 128, (rows, k)), dtype="int8")
+        w8 = mx.nd.array(rng.randint(-127, 128, (n, k)), dtype="int8")
+        b8 = mx.nd.array(rng.randint(-127, 128, (n,)), dtype="int8")
+        x, w, b = (a.astype("float32") for a in (x8, w8, b8))
+        fns[f"fp32 {k}->{n}"] = (lambda x=x, w=w, b=b, n=n: mx.nd.FullyConnected(
+            x, w, b, num_hidden=n).wait_to_read())
+        fns[f"int8 {k}->{n}"] = (lambda x=x8, w=w8, b=b8, n=n: mx.nd.contrib
+                                 .quantized_fully_connected(x, w, b, lo, hi, lo, hi, lo, hi,
+                                                            num_hidden=n)[0].wait_to_read())
+    med = {k: statistics.median(v) for k, v in time_alternating(fns, repeats).items()}
+    per_shape = {f"{k}->{n}": med[f"fp32 {k}->{n}"] / med[f"int8 {k}->{n}"] for k, n in shapes}
+    fp32 = cfg.num_layers * sum(med[f"fp32 {k}->{n}"] for k, n in shapes)
+    int8 = cfg.num_layers * sum(med[f"int8 {k}->{n}"] for k, n in shapes)
+    return {"rows": rows, "fp32_s": fp32, "int8_s": int8, "int8_over_fp32": fp32 / int8,
+            "int8_over_fp32_per_shape": per_shape}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -143,6 +176,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                   for n, ts in times.items()}
         result["speed"][wname]["int8_over_fp32"] = (result["speed"][wname]["int8"]["seq_per_s"]
                                                     / result["speed"][wname]["fp32"]["seq_per_s"])
+    if args.speed:
+        ceiling = dense_layer_ceiling(model.config, 32 * 128, max(args.repeats, 5))
+        fp32_pass = 1.0 / result["speed"]["batch 32 x 128"]["fp32"]["seq_per_s"] * 32
+        ceiling["share_of_fp32_pass"] = ceiling["fp32_s"] / fp32_pass
+        ceiling["bound_on_int8_over_fp32"] = fp32_pass / (fp32_pass - ceiling["fp32_s"]
+                                                          + ceiling["int8_s"])
+        result["dense_layers_32x128"] = ceiling
     result["load_avg_at_end"] = os.getloadavg()
 
     print(f"checkpoint {result['checkpoint']}  ({task} dev, {len(dev)} examples; calibrated on "
@@ -157,6 +197,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f} "
               f"{r['int8']['seq_per_s']:10.2f}"
               f"   x{r['int8_over_fp32']:.2f}")
+    if "dense_layers_32x128" in result:
+        c = result["dense_layers_32x128"]
+        shapes = ", ".join(f"{k} x{v:.2f}" for k, v in c["int8_over_fp32_per_shape"].items())
+        print(f"dense layers alone at 32 x 128: INT8 x{c['int8_over_fp32']:.2f} over fp32 "
+              f"({shapes}); they are {100 * c['share_of_fp32_pass']:.0f} % of the fp32 pass, "
+              f"so INT8 dense layers alone can give at most x{c['bound_on_int8_over_fp32']:.2f}")
     print(f"(median of {args.repeats} alternating passes, OMP_NUM_THREADS="
           f"{result['omp_num_threads']}, load average {result['load_avg_at_start'][0]:.1f} -> "
           f"{result['load_avg_at_end'][0]:.1f})")
