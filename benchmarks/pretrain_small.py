@@ -14,7 +14,10 @@ Steps (all through the library: ``bert_gluon.pretraining_data`` / ``bert_gluon.p
 3. ``pretrain`` with ``max_seconds`` = the budget (checkpoints every 200 steps, metrics log
    ``runs/pretrain_small/train/metrics.jsonl``, final checkpoint ``.../train/final``);
 4. evaluation on (at most ``--eval-pairs``) held-out pairs: MLM accuracy, NSP accuracy,
-   and the baseline of always predicting the most frequent masked token of the training data.
+   and two baselines: always predicting the most frequent masked token of the training data,
+   and NSP from the words A and B share (``word_overlap_nsp_baseline``, threshold fitted on
+   the training pairs). ``--baselines-only`` computes just the baselines of the data the
+   options name, into ``benchmarks/results/pretrain_small_baselines.json``.
 
 The summary goes to ``benchmarks/results/pretrain_small.json``.
 """
@@ -38,7 +41,8 @@ import mxnet as mx  # noqa: E402
 from bert_gluon import BERTConfig  # noqa: E402
 from bert_gluon.fileio import write_json  # noqa: E402
 from bert_gluon.pretraining import (build_pretraining_model, evaluate,  # noqa: E402
-                                    most_frequent_token_baseline, pretrain)
+                                    most_frequent_token_baseline, pretrain,
+                                    word_overlap_nsp_baseline)
 from bert_gluon.pretraining_data import (PretrainingData, create_pretraining_data,  # noqa: E402
                                          load_shards)
 from bert_gluon.tokenization import Tokenizer  # noqa: E402
@@ -96,6 +100,9 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "pretrain_small"))
     p.add_argument("--run-name", default="train", help="folder under --out for this run")
     p.add_argument("--result", default=os.path.join(HERE, "results", "pretrain_small.json"))
+    p.add_argument("--baselines-only", action="store_true",
+                   help="no training: the baselines of this data, into "
+                        "results/pretrain_small_baselines.json")
     args = p.parse_args()
 
     vocab = os.environ.get("BERT_VOCAB") or os.path.join(shared("", "vocab"),
@@ -120,6 +127,22 @@ def main() -> None:
     eval_all, _ = load_shards(eval_dir)
     eval_arrays = {k: v[:args.eval_pairs] for k, v in eval_all.items()}
     eval_small = {k: v[:256] for k, v in eval_all.items()}
+    baselines = {"baseline_most_frequent_token": most_frequent_token_baseline(train.arrays,
+                                                                              eval_arrays),
+                 "baseline_word_overlap_nsp": word_overlap_nsp_baseline(train.arrays,
+                                                                        eval_arrays)}
+    if args.baselines_only:
+        path = os.path.join(HERE, "results", "pretrain_small_baselines.json")
+        table = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                table = json.load(f)
+        table[f"{os.path.basename(train_dir)} -> {os.path.basename(eval_dir)}"] = dict(
+            baselines, held_out_pairs_evaluated=int(len(eval_arrays["valid_length"])),
+            command=".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]))
+        write_json(path, table)
+        print(json.dumps(table, indent=2))
+        return
     overrides = {} if args.dropout is None else dict(dropout=args.dropout,
                                                      attention_dropout=args.dropout)
     if args.seq_len > BERTConfig.preset(args.preset).max_length:
@@ -139,7 +162,7 @@ def main() -> None:
                        checkpoint_every=200, eval_every=200, log_every=20,
                        max_seconds=budget, progress=True)
     final = evaluate(model, eval_arrays, ctx=mx.cpu())
-    baseline = most_frequent_token_baseline(train.arrays, eval_arrays)
+    baseline = baselines["baseline_most_frequent_token"]
     result = {
         "command": ".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]),
         "model": dict(preset=args.preset, **config.to_dict()),
@@ -158,7 +181,7 @@ def main() -> None:
         "tokens_seen": summary["tokens_seen"],
         "tokens_per_second": round(summary["tokens_per_second"], 1),
         "held_out": final,
-        "baseline_most_frequent_token": baseline,
+        **baselines,
         "mlm_acc_over_baseline": final["mlm_acc"] / max(baseline["mlm_acc"], 1e-9),
         "targets": {"nsp_acc>=0.75": final["nsp_acc"] >= 0.75,
                     "mlm_acc>=2x_baseline": final["mlm_acc"] >= 2 * baseline["mlm_acc"]},

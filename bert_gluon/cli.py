@@ -231,6 +231,17 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 
+    p = sub.add_parser("evaluate-pretraining",
+                       help="MLM and NSP accuracy of a pre-trained checkpoint on held-out data")
+    p.add_argument("checkpoint", help="a pretrain run's final/ folder (or save_pretrained)")
+    p.add_argument("--data", required=True, help="held-out folder made by "
+                   "create-pretraining-data")
+    p.add_argument("--train-data", default=None, help="the folder it was trained on: also the "
+                   "most-frequent-token and word-overlap NSP baselines")
+    p.add_argument("--max-pairs", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_evaluate_pretraining)
+
 
 def _cmd_create_pretraining_data(args: argparse.Namespace) -> int:
     import json
@@ -269,6 +280,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         max_seconds=args.max_minutes * 60 if args.max_minutes else None, resume=args.resume,
         kvstore=args.kvstore, progress=not args.no_progress)
     print(json.dumps(summary))
+    return 0
+
+
+def _cmd_evaluate_pretraining(args: argparse.Namespace) -> int:
+    import json
+
+    from .pretraining import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.train_data,
+                                         args.max_pairs, args.batch_size)))
     return 0
 
 

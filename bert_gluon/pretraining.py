@@ -34,7 +34,7 @@ from .ops import softmax_cross_entropy
 from .pretraining_data import PretrainingData, iterate_batches, num_batches
 
 __all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
-           "pretrain", "build_pretraining_model", "run_pretraining", "default_vocab"]
+           "word_overlap_nsp_baseline", "evaluate_checkpoint", "pretrain", "build_pretraining_model", "run_pretraining", "default_vocab"]
 
 Context = Union[mx.Context, Sequence[mx.Context]]
 
@@ -122,6 +122,87 @@ def most_frequent_token_baseline(train: Dict[str, np.ndarray],
     nsp_major = int(np.bincount(train["nsp_label"], minlength=2).argmax())
     return {"token_id": token, "mlm_acc": float(np.mean(eval_labels == token)),
             "nsp_acc": float(np.mean(held_out["nsp_label"] == nsp_major))}
+
+
+def _segment_token_sets(arrays: Dict[str, np.ndarray]) -> List[tuple]:
+    """``(set of A's token ids, set of B's)`` per pair, with masked tokens put back."""
+    ids = np.array(arrays["input_ids"], copy=True)
+    if "masked_positions" in arrays:
+        rows, slots = np.nonzero(arrays["masked_weights"] > 0)
+        ids[rows, arrays["masked_positions"][rows, slots]] = arrays["masked_ids"][rows, slots]
+    pairs = []
+    for row, seg, n in zip(ids, arrays["segment_ids"], arrays["valid_length"]):
+        row, seg = row[:int(n)], seg[:int(n)]
+        a, b = row[seg == 0][1:-1], row[seg == 1][:-1]      # drop [CLS] and the two [SEP]
+        pairs.append((set(a.tolist()), set(b.tolist())))
+    return pairs
+
+
+def word_overlap_nsp_baseline(train: Dict[str, np.ndarray],
+                              held_out: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """NSP without a network: is B the next segment because it repeats A's words?
+
+    A pair's score is the rarity-weighted number of WordPiece types A and B share,
+    ``sum(idf(t) for t in A & B) / sqrt(|A| |B|)`` with ``idf(t) = log(N / (1 + df(t)))``
+    over the ``N`` training segments; pairs above a threshold are called "next". The
+    threshold is the one most accurate on ``train``; the accuracy that counts is on
+    ``held_out``. A model at this level has learned word overlap, not coherence.
+    """
+    from collections import Counter
+
+    train_pairs = _segment_token_sets(train)
+    df: Counter = Counter()                  # in how many training segments each token is
+    for a, b in train_pairs:
+        df.update(a)
+        df.update(b)
+    n_segments = 2 * len(train_pairs)
+
+    def scores(pairs):
+        return np.array([sum(np.log(n_segments / (1.0 + df.get(t, 0))) for t in a & b)
+                         / np.sqrt(max(len(a) * len(b), 1)) for a, b in pairs])
+
+    s, y = scores(train_pairs), np.asarray(train["nsp_label"])
+    values, inverse = np.unique(s, return_inverse=True)
+    random_at = np.bincount(inverse, weights=(y == 0), minlength=len(values))
+    next_at = np.bincount(inverse, weights=(y == 1), minlength=len(values))
+    # threshold values[k]: "random" for scores <= values[k], "next" above; -inf: all "next"
+    values = np.concatenate([[-np.inf], values])
+    correct = np.concatenate([[0.0], np.cumsum(random_at)]) + (
+        next_at.sum() - np.concatenate([[0.0], np.cumsum(next_at)]))
+    k = int(np.argmax(correct))
+    held = scores(_segment_token_sets(held_out))
+    held_next = np.asarray(held_out["nsp_label"]) == 1
+    return {"threshold": float(values[k]), "train_nsp_acc": float(correct[k] / len(y)),
+            "nsp_acc": float(np.mean((held > values[k]) == held_next))}
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, train_data: Optional[str] = None,
+                        max_pairs: int = 2048, batch_size: int = 64,
+                        ctx: Optional[mx.Context] = None) -> Dict[str, Any]:
+    """What ``bert-gluon evaluate-pretraining`` prints: :func:`evaluate` of a pre-trained
+    checkpoint (``<output_dir>/final`` or any ``save_pretrained`` folder with MLM/NSP heads)
+    on the first ``max_pairs`` pairs of a static data folder; with ``train_data``, the folder
+    it was trained on, also both baselines of that data."""
+    from .checkpoints import from_pretrained
+    from .pretraining_data import load_shards
+
+    ctx = ctx or mx.cpu()
+    model, _ = from_pretrained(checkpoint, task="pretraining", ctx=ctx)
+    arrays, meta = load_shards(data)
+    if meta["vocab_size"] != model.config.vocab_size:
+        raise ValueError(f"{data}: data was made with a {meta['vocab_size']}-token vocabulary, "
+                         f"{checkpoint} has {model.config.vocab_size}")
+    if meta["max_seq_length"] > model.config.max_length:
+        raise ValueError(f"{data}: sequences of {meta['max_seq_length']} tokens exceed "
+                         f"{checkpoint}'s max_length {model.config.max_length}")
+    arrays = {k: v[:max_pairs] for k, v in arrays.items()}
+    result: Dict[str, Any] = dict(evaluate(model, arrays, batch_size, ctx),
+                                  pairs=int(len(arrays["valid_length"])))
+    if train_data:
+        train, _ = load_shards(train_data)
+        result["baseline_most_frequent_token"] = most_frequent_token_baseline(train, arrays)
+        result["baseline_word_overlap_nsp"] = word_overlap_nsp_baseline(train, arrays)
+    return result
 
 
 def build_pretraining_model(config=None, init_from: Optional[str] = None,

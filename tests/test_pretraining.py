@@ -12,7 +12,8 @@ from bert_gluon import BERTConfig
 from bert_gluon.cli import main as cli_main
 from bert_gluon.pretraining import (PretrainingLoss, PretrainingMetrics,
                                     build_pretraining_model, evaluate,
-                                    most_frequent_token_baseline, pretrain)
+                                    most_frequent_token_baseline, pretrain,
+                                    word_overlap_nsp_baseline)
 from bert_gluon.pretraining_data import PretrainingData, iterate_batches
 from bert_gluon.tokenization import Tokenizer
 from conftest import write_toy_corpus, write_toy_vocab
@@ -98,6 +99,43 @@ def test_most_frequent_token_baseline_by_hand():
             "nsp_label": np.array([1])}
     b = most_frequent_token_baseline(train, held)
     assert b["token_id"] == 7 and b["mlm_acc"] == pytest.approx(2 / 3) and b["nsp_acc"] == 1.0
+
+
+def _pairs(rows, labels, masked=None):
+    """Arrays of ``[CLS] A [SEP] B [SEP]`` pairs; ``masked``: (row, position, id) replaced by
+    [MASK] (103) and listed as an MLM prediction."""
+    T = max(len(a) + len(b) + 3 for a, b in rows)
+    ids, seg = np.zeros((len(rows), T), "int32"), np.zeros((len(rows), T), "int32")
+    for i, (a, b) in enumerate(rows):
+        ids[i, :len(a) + len(b) + 3] = [101] + a + [102] + b + [102]
+        seg[i, len(a) + 2:len(a) + len(b) + 3] = 1
+    out = {"input_ids": ids, "segment_ids": seg, "nsp_label": np.array(labels),
+           "valid_length": np.array([len(a) + len(b) + 3 for a, b in rows])}
+    if masked:
+        out["masked_positions"] = np.zeros((len(rows), 1), "int32")
+        out["masked_ids"] = np.zeros((len(rows), 1), "int32")
+        out["masked_weights"] = np.zeros((len(rows), 1), "float32")
+        for row, pos, tok in masked:
+            assert ids[row, pos] == tok
+            ids[row, pos] = 103
+            out["masked_positions"][row, 0], out["masked_ids"][row, 0] = pos, tok
+            out["masked_weights"][row, 0] = 1
+    return out
+
+
+def test_word_overlap_nsp_baseline_by_hand():
+    # 8 training segments; document frequencies: 5 -> 2, 6 -> 3, 13 -> 2
+    train = _pairs([([5, 6, 7], [5, 8]), ([9, 10], [11, 12]), ([6, 13], [6, 13, 14]),
+                    ([7, 15], [16])], labels=[0, 0, 1, 0])
+    # scores: log(8/3)/sqrt(6), 0, (log(8/4) + log(8/3))/sqrt(6), 0: the best threshold is the
+    # first one (everything above it "next"), which gets all 4 training pairs right
+    held = _pairs([([5, 20], [5]), ([21], [22]), ([6], [6, 23]), ([24], [25])],
+                  labels=[1, 1, 0, 0], masked=[(0, 4, 5)])   # B's 5 masked: must be put back
+    b = word_overlap_nsp_baseline(train, held)
+    assert b["threshold"] == pytest.approx(np.log(8 / 3) / np.sqrt(6))
+    assert b["train_nsp_acc"] == 1.0
+    # held out: log(8/3)/sqrt(2) "next" (right), 0 (wrong), log(2)/sqrt(2) "next" (wrong), 0 (right)
+    assert b["nsp_acc"] == 0.5
 
 
 # --- the loop -----------------------------------------------------------------------------
@@ -222,6 +260,15 @@ def test_cli_create_data_pretrain_and_resume(tokenizer, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 6 and summary["eval"] is not None
     assert os.path.exists(tmp_path / "r" / "final" / "config.json")
+    # the saved final model, evaluated again from disk: the run's own final evaluation
+    assert cli_main(["evaluate-pretraining", str(tmp_path / "r" / "final"), "--data",
+                     str(tmp_path / "d"), "--train-data", str(tmp_path / "d")]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("mlm_acc", "nsp_acc", "mlm_loss", "nsp_loss"):
+        assert again[k] == pytest.approx(summary["eval"][k], abs=1e-6), k
+    assert again["pairs"] == made["stats"]["instances"]
+    overlap = again["baseline_word_overlap_nsp"]    # held out = trained on here: the same pairs
+    assert overlap["nsp_acc"] == pytest.approx(overlap["train_nsp_acc"]) and overlap["nsp_acc"] > 0.5
     with pytest.raises(ValueError, match="vocab_size .* but"):
         cli_main(["pretrain", "--data", str(tmp_path / "d"), "--output-dir", str(tmp_path / "x"),
                   "--vocab", vocab, "--config", _write_config(tmp_path), "--no-progress"])
