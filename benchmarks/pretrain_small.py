@@ -89,6 +89,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam", "lamb"])
     p.add_argument("--preset", default="small", help="BERTConfig preset of the model")
+    for flag, field in (("--units", "units"), ("--layers", "num_layers"),
+                        ("--heads", "num_heads"), ("--ffn", "hidden_size")):
+        p.add_argument(flag, dest=field, type=int, default=None,
+                       help=f"override the preset's {field}")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout and attention dropout (default: the preset's 0.1; a budget of "
                    "minutes is far from overfitting, and dropout slows early learning)")
@@ -145,6 +149,8 @@ def main() -> None:
         return
     overrides = {} if args.dropout is None else dict(dropout=args.dropout,
                                                      attention_dropout=args.dropout)
+    overrides.update({k: getattr(args, k) for k in ("units", "num_layers", "num_heads",
+                                                    "hidden_size") if getattr(args, k)})
     if args.seq_len > BERTConfig.preset(args.preset).max_length:
         overrides["max_length"] = args.seq_len   # position table long enough for --seq-len
     config = BERTConfig.preset(args.preset, vocab_size=len(tok), **overrides)
