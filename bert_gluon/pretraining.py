@@ -34,7 +34,8 @@ from .ops import softmax_cross_entropy
 from .pretraining_data import PretrainingData, iterate_batches, num_batches
 
 __all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
-           "word_overlap_nsp_baseline", "evaluate_checkpoint", "pretrain", "build_pretraining_model", "run_pretraining", "default_vocab"]
+           "word_overlap_nsp_baseline", "evaluate_checkpoint", "pretrain",
+           "build_pretraining_model", "run_pretraining", "default_vocab"]
 
 Context = Union[mx.Context, Sequence[mx.Context]]
 
@@ -146,7 +147,8 @@ def word_overlap_nsp_baseline(train: Dict[str, np.ndarray],
     ``sum(idf(t) for t in A & B) / sqrt(|A| |B|)`` with ``idf(t) = log(N / (1 + df(t)))``
     over the ``N`` training segments; pairs above a threshold are called "next". The
     threshold is the one most accurate on ``train``; the accuracy that counts is on
-    ``held_out``. A model at this level has learned word overlap, not coherence.
+    ``held_out``. A model below it tells next segments from random ones worse than
+    "does B repeat A's rarer words?" does.
     """
     from collections import Counter
 
