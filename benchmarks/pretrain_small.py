@@ -40,9 +40,8 @@ import mxnet as mx  # noqa: E402
 
 from bert_gluon import BERTConfig  # noqa: E402
 from bert_gluon.fileio import write_json  # noqa: E402
-from bert_gluon.pretraining import (build_pretraining_model, evaluate,  # noqa: E402
-                                    most_frequent_token_baseline, pretrain,
-                                    word_overlap_nsp_baseline)
+from bert_gluon.pretraining import (baselines, build_pretraining_model,  # noqa: E402
+                                    evaluate, pretrain)
 from bert_gluon.pretraining_data import (PretrainingData, create_pretraining_data,  # noqa: E402
                                          load_shards)
 from bert_gluon.tokenization import Tokenizer  # noqa: E402
@@ -131,10 +130,7 @@ def main() -> None:
     eval_all, _ = load_shards(eval_dir)
     eval_arrays = {k: v[:args.eval_pairs] for k, v in eval_all.items()}
     eval_small = {k: v[:256] for k, v in eval_all.items()}
-    baselines = {"baseline_most_frequent_token": most_frequent_token_baseline(train.arrays,
-                                                                              eval_arrays),
-                 "baseline_word_overlap_nsp": word_overlap_nsp_baseline(train.arrays,
-                                                                        eval_arrays)}
+    base = baselines(train.arrays, eval_arrays)
     if args.baselines_only:
         path = os.path.join(HERE, "results", "pretrain_small_baselines.json")
         table = {}
@@ -142,7 +138,7 @@ def main() -> None:
             with open(path) as f:
                 table = json.load(f)
         table[f"{os.path.basename(train_dir)} -> {os.path.basename(eval_dir)}"] = dict(
-            baselines, held_out_pairs_evaluated=int(len(eval_arrays["valid_length"])),
+            base, held_out_pairs_evaluated=int(len(eval_arrays["valid_length"])),
             command=".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]))
         write_json(path, table)
         print(json.dumps(table, indent=2))
@@ -168,7 +164,7 @@ def main() -> None:
                        checkpoint_every=200, eval_every=200, log_every=20,
                        max_seconds=budget, progress=True)
     final = evaluate(model, eval_arrays, ctx=mx.cpu())
-    baseline = baselines["baseline_most_frequent_token"]
+    baseline = base["baseline_most_frequent_token"]
     result = {
         "command": ".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]),
         "model": dict(preset=args.preset, **config.to_dict()),
@@ -187,7 +183,7 @@ def main() -> None:
         "tokens_seen": summary["tokens_seen"],
         "tokens_per_second": round(summary["tokens_per_second"], 1),
         "held_out": final,
-        **baselines,
+        **base,
         "mlm_acc_over_baseline": final["mlm_acc"] / max(baseline["mlm_acc"], 1e-9),
         "targets": {"nsp_acc>=0.75": final["nsp_acc"] >= 0.75,
                     "mlm_acc>=2x_baseline": final["mlm_acc"] >= 2 * baseline["mlm_acc"]},

@@ -34,7 +34,7 @@ from .ops import softmax_cross_entropy
 from .pretraining_data import PretrainingData, iterate_batches, num_batches
 
 __all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
-           "word_overlap_nsp_baseline", "evaluate_checkpoint", "pretrain",
+           "word_overlap_nsp_baseline", "baselines", "evaluate_checkpoint", "pretrain",
            "build_pretraining_model", "run_pretraining", "default_vocab"]
 
 Context = Union[mx.Context, Sequence[mx.Context]]
@@ -178,6 +178,23 @@ def word_overlap_nsp_baseline(train: Dict[str, np.ndarray],
             "nsp_acc": float(np.mean((held > values[k]) == held_next))}
 
 
+def baselines(train: Dict[str, np.ndarray], held_out: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """Both baselines of a held-out set, fitted on the training data: what a pre-trained
+    model's MLM and NSP accuracy should be compared with."""
+    return {"baseline_most_frequent_token": most_frequent_token_baseline(train, held_out),
+            "baseline_word_overlap_nsp": word_overlap_nsp_baseline(train, held_out)}
+
+
+def _check_data_fits(model, meta: Dict[str, Any], folder: str) -> None:
+    """A clear error when a data folder was made for another vocabulary or is too long."""
+    if meta["vocab_size"] != model.config.vocab_size:
+        raise ValueError(f"{folder}: data was made with a {meta['vocab_size']}-token "
+                         f"vocabulary, the model has {model.config.vocab_size}")
+    if meta["max_seq_length"] > model.config.max_length:
+        raise ValueError(f"{folder}: sequences of {meta['max_seq_length']} tokens exceed the "
+                         f"model's max_length {model.config.max_length}")
+
+
 def evaluate_checkpoint(checkpoint: str, data: str, train_data: Optional[str] = None,
                         max_pairs: int = 2048, batch_size: int = 64,
                         ctx: Optional[mx.Context] = None) -> Dict[str, Any]:
@@ -191,19 +208,12 @@ def evaluate_checkpoint(checkpoint: str, data: str, train_data: Optional[str] = 
     ctx = ctx or mx.cpu()
     model, _ = from_pretrained(checkpoint, task="pretraining", ctx=ctx)
     arrays, meta = load_shards(data)
-    if meta["vocab_size"] != model.config.vocab_size:
-        raise ValueError(f"{data}: data was made with a {meta['vocab_size']}-token vocabulary, "
-                         f"{checkpoint} has {model.config.vocab_size}")
-    if meta["max_seq_length"] > model.config.max_length:
-        raise ValueError(f"{data}: sequences of {meta['max_seq_length']} tokens exceed "
-                         f"{checkpoint}'s max_length {model.config.max_length}")
+    _check_data_fits(model, meta, data)
     arrays = {k: v[:max_pairs] for k, v in arrays.items()}
     result: Dict[str, Any] = dict(evaluate(model, arrays, batch_size, ctx),
                                   pairs=int(len(arrays["valid_length"])))
     if train_data:
-        train, _ = load_shards(train_data)
-        result["baseline_most_frequent_token"] = most_frequent_token_baseline(train, arrays)
-        result["baseline_word_overlap_nsp"] = word_overlap_nsp_baseline(train, arrays)
+        result.update(baselines(load_shards(train_data)[0], arrays))
     return result
 
 
@@ -480,9 +490,7 @@ def run_pretraining(data: str, output_dir: str, *, eval_data: Optional[str] = No
                              f"{len(tokenizer)} tokens")
         model, _ = build_pretraining_model(config, ctx=ctxs, seed=seed)
     train = PretrainingData.from_shards(data, tokenizer, dynamic=dynamic_masking, seed=seed)
-    if train.meta["max_seq_length"] > model.config.max_length:
-        raise ValueError(f"{data}: sequences of {train.meta['max_seq_length']} tokens exceed the "
-                         f"model's max_length {model.config.max_length}")
+    _check_data_fits(model, train.meta, data)
     eval_arrays = None
     if eval_data:
         eval_all, _ = load_shards(eval_data)

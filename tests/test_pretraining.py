@@ -269,6 +269,12 @@ def test_cli_create_data_pretrain_and_resume(tokenizer, tmp_path, capsys):
     assert again["pairs"] == made["stats"]["instances"]
     overlap = again["baseline_word_overlap_nsp"]    # held out = trained on here: the same pairs
     assert overlap["nsp_acc"] == pytest.approx(overlap["train_nsp_acc"]) and overlap["nsp_acc"] > 0.5
+    assert cli_main(["create-pretraining-data", str(corpus), "--output", str(tmp_path / "d128"),
+                     "--vocab", vocab, "--max-seq-length", "128", "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="d128: sequences of 128 tokens exceed the model's "
+                                         "max_length 64"):
+        cli_main(["evaluate-pretraining", str(tmp_path / "r" / "final"), "--data",
+                  str(tmp_path / "d128")])
     with pytest.raises(ValueError, match="vocab_size .* but"):
         cli_main(["pretrain", "--data", str(tmp_path / "d"), "--output-dir", str(tmp_path / "x"),
                   "--vocab", vocab, "--config", _write_config(tmp_path), "--no-progress"])
