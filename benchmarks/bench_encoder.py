@@ -537,6 +537,7 @@ def run_benchmark(args) -> Dict:
         "command": " ".join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu": bert_gluon.runtime.cpu_description(),
                     "logical_cpus": os.cpu_count(),
                     "physical_cores": bert_gluon.runtime.physical_cores(),
                     "load_avg_at_start": os.getloadavg()},

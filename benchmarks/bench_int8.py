@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import bert_gluon  # noqa: E402,F401  (OMP threads before mxnet)
+import bert_gluon  # noqa: E402  (OMP threads before mxnet)
 from bert_gluon import PRESETS, BERTClassifier, BERTConfig  # noqa: E402
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -147,6 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                     "task": task,
                     "command": " ".join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
                     "omp_num_threads": int(os.environ["OMP_NUM_THREADS"]),
+                    "cpu": bert_gluon.runtime.cpu_description(),
                     "load_avg_at_start": os.getloadavg(), "calib_examples": args.calib_examples,
                     "calib_mode": args.calib_mode, "granularity": args.granularity,
                     "quantize_seconds": quantize_s,

@@ -262,12 +262,15 @@ def main() -> None:
               f"| {t['train_time'][0]:.0f} ± {t['train_time'][1]:.0f} | {t['seeds']} |")
     import platform
 
+    from bert_gluon.runtime import cpu_description
+
     record = {"recipe": {"model": "all-MiniLM-L6-v2", "task": "mrpc", "epochs": a.epochs,
                          "batch_size": 32, "max_len": 128, "lr": 5e-5, "warmup_ratio": 0.1,
                          "weight_decay": 0.01, "optimizer": a.optimizer, "seeds": a.seeds,
                          "max_train": a.max_train,
                          "threads": THREADS, "pairs_in_parallel": a.pairs_in_parallel},
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "cpu": cpu_description()},
               "runs": runs, "summary": table}
     record["versions"] = _versions()
     with open(a.out, "w") as f:

@@ -32,6 +32,26 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and widest vector instructions, e.g. ``"AMD EPYC (AVX2, FMA)"``:
+    benchmark results record it, since speed ratios depend on it (our compiled operators and
+    oneDNN pick their kernels by ISA). ``"unknown"`` where ``cpuinfo`` is missing."""
+    try:
+        with open(cpuinfo) as f:
+            info = f.read()
+    except OSError:
+        return "unknown"
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                                   ("amx_tile", "AMX"), ("avx2", "AVX2"), ("fma", "FMA"))
+           if flag in flags]
+    if "AVX-512" in isa:
+        isa = [n for n in isa if n not in ("AVX2", "FMA")]
+    return f"{fields.get('model name', 'unknown')} ({', '.join(isa) or 'no AVX2'})"
+
+
 def configure_threads(num_threads: Optional[int] = None) -> int:
     """Set ``OMP_NUM_THREADS`` for MXNet (call before ``import mxnet``).
 

@@ -10,7 +10,7 @@ from mxnet import autograd, nd
 
 from bert_gluon import (BERTClassifier, BERTConfig, BERTEncoder, BERTForPretraining, BERTModel,
                         MLMDecoder, NSClassifier, PRESETS, Pooler)
-from bert_gluon.runtime import physical_cores
+from bert_gluon.runtime import cpu_description, physical_cores
 from np_reference import init_nontrivial, numpy_params, erf_gelu, layer_norm, np_bert_encoder
 
 CFG = BERTConfig(vocab_size=50, units=16, hidden_size=32, num_heads=4, num_layers=2,
@@ -215,6 +215,20 @@ def test_threads_default_to_physical_cores_but_respect_the_user():
     assert _omp_in_subprocess(None) == str(physical_cores())
     assert _omp_in_subprocess("1") == "1"
     assert physical_cores() >= 1
+
+
+def test_cpu_description_names_model_and_vector_isa(tmp_path):
+    def describe(model, flags):
+        path = tmp_path / "cpuinfo"
+        path.write_text("".join(f"processor\t: {i}\nmodel name\t: {model}\nflags\t\t: {flags}\n\n"
+                                for i in range(2)))
+        return cpu_description(str(path))
+
+    assert describe("AMD EPYC", "fpu sse2 avx fma avx2 bmi2") == "AMD EPYC (AVX2, FMA)"
+    assert (describe("Intel(R) Xeon(R) Platinum", "avx2 fma avx512f avx512_vnni amx_tile")
+            == "Intel(R) Xeon(R) Platinum (AVX-512, VNNI, AMX)")
+    assert describe("Old CPU", "fpu sse2") == "Old CPU (no AVX2)"
+    assert cpu_description(str(tmp_path / "missing")) == "unknown"
 
 
 def test_demo_command_prints_seed_shapes(capsys):

@@ -4,9 +4,13 @@
 //
 // A is read element by element at A[i * ars + k * acs], so a transposed A costs nothing
 // (ars = 1, acs = row length); B and C are row-major with leading dimensions ldb / ldc, and
-// n must be a multiple of 16 (callers pad their buffers). Written with GCC vector extensions:
-// built with -march=native, a 16-float vector is one AVX-512 register (two AVX2 registers
-// elsewhere), and the m x 32 tile of accumulators stays in registers.
+// n must be a multiple of VL (callers pad their buffers to bg::VL). Written with GCC vector
+// extensions, one vector per machine register: built with -march=native, 16 floats with
+// AVX-512, 8 with AVX2, 4 elsewhere (SSE, NEON). The width must follow the ISA: a 16-float
+// vector on an AVX2 machine is not split into registers but spilled to the stack on every
+// operation (2 GFLOP/s per core instead of 58-68 for the attention shapes on a Zen core).
+// The MR x 2 tile of accumulators, two B vectors and the broadcast A value stay in registers
+// (15 of 16 with AVX2, of 32 with AVX-512).
 #pragma once
 #include <algorithm>
 #include <cstddef>
@@ -14,13 +18,17 @@
 
 namespace bg {
 
-typedef float vf __attribute__((vector_size(64)));
-constexpr int VL = 16;   // floats per vector
 #if defined(__AVX512F__)
-constexpr int MR = 6;    // rows per tile: 6 x 2 accumulators + 2 B vectors fit 32 registers
+constexpr int VL = 16;   // floats per vector
+constexpr int MR = 6;    // rows per tile: 6 x 2 accumulators + 2 B vectors + 1 of 32 registers
+#elif defined(__AVX__)
+constexpr int VL = 8;
+constexpr int MR = 6;    // 6 x 2 accumulators + 2 B vectors + 1 = 15 of 16 registers
 #else
-constexpr int MR = 3;    // AVX2: 16 registers of 8 floats
+constexpr int VL = 4;
+constexpr int MR = 6;
 #endif
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
 inline int round_up(int x, int to) { return (x + to - 1) / to * to; }
 
