@@ -1,0 +1,302 @@
+// INT8 dense layer for CPU inference, as an MXNet 1.9 extension operator:
+//
+//   bg_int8_dense(data, weight, weight_scale, bias)     out = act(data W^T + bias)
+//
+// data (..., K) float32; weight int8, pre-packed by bert_gluon.quantization.pack_int8_weight
+// (the layout below); weight_scale (N,) float32, one per output unit (W ~ weight * scale);
+// bias (N,) float32. Attributes: num_hidden (N), in_units (K), act ("none" or "gelu": erf
+// GELU fused into the output pass). Output (..., N) float32.
+//
+// Each row of data is quantized on the fly to int8 with its own scale (max |x| / 127), the
+// int32 products are summed with AMX (Intel's tile instructions: one TDPBSSD multiplies a
+// 16 x 64 int8 tile by a 64 x 16 one) where the CPU has them, and the output pass turns the
+// sums back to float32 with row scale x unit scale, adds the bias and applies GELU -- so one
+// operator replaces MXNet's quantize, INT8 FullyConnected, requantize/dequantize and GELU
+// nodes. Why: MXNet 1.9.1's oneDNN never reaches AMX for BERT's layer sizes (it hands oneDNN
+// plain row-major weights), and its INT8 graph spends as long converting between int8 and
+// float32 as multiplying. Without AMX (or when the kernel refuses to grant tile state) a plain
+// loop computes the same int32 sums, exactly, more slowly (BERT_GLUON_INT8_AMX=0 forces it).
+//
+// Packed weight layout, for Np = N rounded up to 32 and Kp = K rounded up to 64 (zeros pad):
+//   [Np / 16][Kp / 64][16 rows: k / 4][16 units][4: k % 4]
+// i.e. for each block of 16 output units, the 1 KiB B-tiles of TDPBSSD (K in groups of four
+// bytes per unit, "VNNI" order), one per 64 values of K, contiguous.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+#include <omp.h>
+#include "common.h"
+#include "mxnet/lib_api.h"
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define BG_HAVE_AMX 1
+#endif
+
+using namespace mxnet::ext;
+
+namespace {
+
+constexpr int MBLK = 32, NBLK = 32, KBLK = 64;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// erf GELU, x * Phi(x), through erfc's Chebyshev fit (Numerical Recipes' erfcc, relative error
+// < 1.2e-7): branch-free, so GCC vectorizes it over a row (expf from libmvec).
+inline float gelu(float x) {
+  const float z = std::fabs(x) * 0.70710678118654752f;
+  const float t = 1.f / (1.f + 0.5f * z);
+  const float e = t * std::exp(-z * z - 1.26551223f + t * (1.00002368f + t * (0.37409196f +
+                  t * (0.09678418f + t * (-0.18628806f + t * (0.27886807f + t * (-1.13520398f +
+                  t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f)))))))));   // erfc(z)
+  const float phi = x >= 0.f ? 1.f - 0.5f * e : 0.5f * e;
+  return x * phi;
+}
+
+// one row of K floats -> Kp int8 (zero padded); returns the scale (x ~ q * scale)
+inline float quantize_row(const float* x, int64_t K, int64_t Kp, int8_t* q) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+  const float scale = amax > 0.f ? amax / 127.f : 1.f;
+  const float inv = 1.f / scale;
+  for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+  for (int64_t k = K; k < Kp; ++k) q[k] = 0;
+  return scale;
+}
+
+// int32 sums of a 32-row block of A (stride Kp) with the 32 units of packed blocks nb, nb+1
+inline void block_plain(const int8_t* a, const int8_t* bp, int64_t Kp, int32_t* c /*32x32*/) {
+  const int64_t KB = Kp / KBLK;
+  std::memset(c, 0, sizeof(int32_t) * MBLK * NBLK);
+  for (int half = 0; half < 2; ++half) {
+    const int8_t* b = bp + half * KB * 1024;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const int8_t* tile = b + kb * 1024;
+      for (int m = 0; m < MBLK; ++m) {
+        const int8_t* ar = a + m * Kp + kb * KBLK;
+        int32_t* cr = c + m * NBLK + half * 16;
+        for (int r = 0; r < 16; ++r) {
+          const int8_t* br = tile + r * 64;
+          for (int n = 0; n < 16; ++n) {
+            int32_t s = 0;
+            for (int j = 0; j < 4; ++j) s += int32_t(ar[4 * r + j]) * int32_t(br[4 * n + j]);
+            cr[n] += s;
+          }
+        }
+      }
+    }
+  }
+}
+
+#ifdef BG_HAVE_AMX
+// Linux hands out AMX tile state only on request (once per process)
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /*ARCH_REQ_XCOMP_PERM*/,
+                                 18 /*XFEATURE_XTILEDATA*/) == 0;
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// tiles 0-3: the 2 x 2 int32 accumulators (16 x 16); 4-5: A rows; 6-7: B units
+void configure_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline void block_amx(const int8_t* a, const int8_t* bp, int64_t Kp, int32_t* c /*32x32*/) {
+  const int64_t KB = Kp / KBLK;
+  const int8_t* b0 = bp;
+  const int8_t* b1 = bp + KB * 1024;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    _tile_loadd(4, a + kb * KBLK, Kp);
+    _tile_loadd(5, a + 16 * Kp + kb * KBLK, Kp);
+    _tile_loadd(6, b0 + kb * 1024, 64);
+    _tile_loadd(7, b1 + kb * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  _tile_stored(0, c, NBLK * 4);
+  _tile_stored(1, c + 16, NBLK * 4);
+  _tile_stored(2, c + 16 * NBLK, NBLK * 4);
+  _tile_stored(3, c + 16 * NBLK + 16, NBLK * 4);
+}
+#endif
+
+// BERT_GLUON_INT8_AMX=0 forces the plain loop (tests compare the two)
+bool use_amx() {
+#ifdef BG_HAVE_AMX
+  const char* env = std::getenv("BERT_GLUON_INT8_AMX");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+struct Shape {
+  int64_t M, K, N, Kp, Np;
+};
+
+Shape shape_of(const bg::Attrs& attrs, int64_t data_size) {
+  Shape s;
+  s.K = bg::parse_int(attrs, "in_units", 0);
+  s.N = bg::parse_int(attrs, "num_hidden", 0);
+  s.M = s.K > 0 ? data_size / s.K : 0;
+  s.Kp = round_up(s.K, KBLK);
+  s.Np = round_up(s.N, NBLK);
+  return s;
+}
+
+MXReturnValue forward(const bg::Attrs& attrs, std::vector<MXTensor>* inputs,
+                      std::vector<MXTensor>* outputs, const OpResource& res) {
+  const Shape s = shape_of(attrs, (*inputs)[0].size());
+  const bool gelu_out = attrs.count("act") && attrs.at("act") == "gelu";
+  const float* x = (*inputs)[0].data<float>();
+  const int8_t* w = (*inputs)[1].data<int8_t>();
+  const float* wscale = (*inputs)[2].data<float>();
+  const float* bias = (*inputs)[3].data<float>();
+  float* y = (*outputs)[0].data<float>();
+  const int64_t Mp = round_up(s.M, MBLK), MB = Mp / MBLK, NB = s.Np / NBLK;
+  // one request: MXNet's temporary space is a single buffer, a second alloc_cpu reuses it
+  float* xscale = static_cast<float*>(
+      res.alloc_cpu(static_cast<int>(Mp * sizeof(float) + Mp * s.Kp)));
+  int8_t* q = reinterpret_cast<int8_t*>(xscale + Mp);
+  const bool amx = use_amx();
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < Mp; ++m) {
+      if (m < s.M) {
+        xscale[m] = quantize_row(x + m * s.K, s.K, s.Kp, q + m * s.Kp);
+      } else {
+        std::memset(q + m * s.Kp, 0, s.Kp);
+        xscale[m] = 0.f;
+      }
+    }
+#ifdef BG_HAVE_AMX
+    if (amx) configure_tiles();
+#endif
+    alignas(64) int32_t acc[MBLK * NBLK];
+    alignas(64) float row[NBLK];
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t mb = 0; mb < MB; ++mb) {
+      for (int64_t nb = 0; nb < NB; ++nb) {
+        const int8_t* a = q + mb * MBLK * s.Kp;
+        const int8_t* b = w + nb * 2 * (s.Kp / KBLK) * 1024;
+#ifdef BG_HAVE_AMX
+        if (amx) block_amx(a, b, s.Kp, acc);
+        else block_plain(a, b, s.Kp, acc);
+#else
+        (void)amx;
+        block_plain(a, b, s.Kp, acc);
+#endif
+        const int64_t n0 = nb * NBLK, nn = std::min<int64_t>(NBLK, s.N - n0);
+        const int64_t m1 = std::min<int64_t>(MBLK, s.M - mb * MBLK);
+        for (int64_t i = 0; i < m1; ++i) {
+          const int64_t m = mb * MBLK + i;
+          const float sx = xscale[m];
+          const int32_t* ar = acc + i * NBLK;
+          const float* ws = wscale + n0;
+          const float* bs = bias + n0;
+          for (int64_t j = 0; j < nn; ++j) row[j] = float(ar[j]) * sx * ws[j] + bs[j];
+          if (gelu_out) {
+            for (int64_t j = 0; j < nn; ++j) row[j] = gelu(row[j]);
+          }
+          std::memcpy(y + m * s.N + n0, row, nn * sizeof(float));
+        }
+      }
+    }
+#ifdef BG_HAVE_AMX
+    if (amx) _tile_release();
+#endif
+  }
+  return MX_SUCCESS;
+}
+
+// Registered only so MXNet's CachedOp, which builds a gradient graph for every hybridized
+// block, accepts the operator: INT8 inference is not differentiable.
+MXReturnValue backward(const bg::Attrs&, std::vector<MXTensor>*, std::vector<MXTensor>*,
+                       const OpResource&) {
+  MX_ERROR_MSG << "bg_int8_dense is for inference only: it has no gradient";
+  return MX_FAIL;
+}
+
+MXReturnValue parse_attrs(const bg::Attrs& attrs, int* num_in, int* num_out) {
+  *num_in = 4;
+  *num_out = 1;
+  if (bg::parse_int(attrs, "in_units", 0) <= 0 || bg::parse_int(attrs, "num_hidden", 0) <= 0) {
+    MX_ERROR_MSG << "bg_int8_dense: in_units and num_hidden must be positive";
+    return MX_FAIL;
+  }
+  auto it = attrs.find("act");
+  if (it != attrs.end() && it->second != "none" && it->second != "gelu") {
+    MX_ERROR_MSG << "bg_int8_dense: act must be 'none' or 'gelu', got '" << it->second << "'";
+    return MX_FAIL;
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_type(const bg::Attrs& attrs, std::vector<int>* in_types,
+                         std::vector<int>* out_types) {
+  const int want[4] = {kFloat32, kInt8, kFloat32, kFloat32};
+  const char* names[4] = {"data", "weight", "weight_scale", "bias"};
+  for (int i = 0; i < 4; ++i) {
+    int& t = (*in_types)[i];
+    if (t == -1) t = want[i];          // parameters not yet typed (SymbolBlock inference)
+    if (t != want[i]) {
+      MX_ERROR_MSG << "bg_int8_dense: " << names[i] << " must be "
+                   << (want[i] == kInt8 ? "int8" : "float32");
+      return MX_FAIL;
+    }
+  }
+  (*out_types)[0] = kFloat32;
+  return MX_SUCCESS;
+}
+
+MXReturnValue infer_shape(const bg::Attrs& attrs, std::vector<std::vector<unsigned int>>* in_shapes,
+                          std::vector<std::vector<unsigned int>>* out_shapes) {
+  const std::vector<unsigned int>& d = (*in_shapes)[0];
+  const int64_t K = bg::parse_int(attrs, "in_units", 0), N = bg::parse_int(attrs, "num_hidden", 0);
+  if (d.empty() || d.back() != K) {
+    MX_ERROR_MSG << "bg_int8_dense: data's last axis must be in_units = " << K;
+    return MX_FAIL;
+  }
+  const unsigned int packed = static_cast<unsigned int>(round_up(N, NBLK) * round_up(K, KBLK));
+  (*in_shapes)[1] = {packed};
+  (*in_shapes)[2] = {static_cast<unsigned int>(N)};
+  (*in_shapes)[3] = {static_cast<unsigned int>(N)};
+  std::vector<unsigned int> out(d.begin(), d.end() - 1);
+  out.push_back(static_cast<unsigned int>(N));
+  (*out_shapes)[0] = out;
+  return MX_SUCCESS;
+}
+
+}  // namespace
+
+REGISTER_OP(bg_int8_dense)
+.setForward(forward, "cpu")
+.setBackward(backward, "cpu")
+.setParseAttrs(parse_attrs)
+.setInferType(infer_type)
+.setInferShape(infer_shape);
