@@ -123,10 +123,13 @@ def _add_finetuning_commands(sub) -> None:
 
 
 def _add_int8_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--int8", action="store_true",
-                   help="INT8 inference on CPU (oneDNN), calibrated on 320 training examples")
-    p.add_argument("--calib-file", help="training TSV/CSV to calibrate --int8 on "
-                   "(default: the checkpoint's task)")
+    p.add_argument("--int8", action="store_true", help="INT8 inference on CPU")
+    p.add_argument("--int8-backend", default="auto", choices=["auto", "bert_gluon", "onednn"],
+                   help="bert_gluon: AMX INT8 tiles, no calibration; onednn: MXNet's oneDNN, "
+                   "calibrated on 320 training examples; auto (default): bert_gluon where "
+                   "the CPU has AMX")
+    p.add_argument("--calib-file", help="training TSV/CSV to calibrate --int8-backend onednn "
+                   "on (default: the checkpoint's task)")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -150,7 +153,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.checkpoint, task=args.task, split=args.split, file=args.file,
                        data_dir=args.data_dir, predictions=args.predictions,
                        batch_size=args.batch_size, skip_bad=args.skip_bad, int8=args.int8,
-                       calib_file=args.calib_file)
+                       calib_file=args.calib_file, int8_backend=args.int8_backend)
     print(json.dumps(metrics, sort_keys=True))
     return 0
 
@@ -158,7 +161,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .finetuning import predict, predict_file
 
-    int8 = dict(int8=args.int8, calib_file=args.calib_file, data_dir=args.data_dir)
+    int8 = dict(int8=args.int8, calib_file=args.calib_file, data_dir=args.data_dir,
+                int8_backend=args.int8_backend)
     if args.file:
         rows = predict_file(args.checkpoint, args.file, args.output, args.text_columns, **int8)
     elif args.sentences:

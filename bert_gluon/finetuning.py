@@ -315,10 +315,12 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
 # Evaluation and prediction with a saved checkpoint
 # --------------------------------------------------------------------------------------
 def _load_checkpoint(checkpoint: str, ctx: mx.Context, int8: bool = False,
-                     calib_file: Optional[str] = None, data_dir: Optional[str] = None):
+                     calib_file: Optional[str] = None, data_dir: Optional[str] = None,
+                     int8_backend: str = "auto"):
     """The fine-tuned model, its tokenizer and ``config.json``; with ``int8`` the model is
-    quantized on the CPU, calibrated on a few hundred of its training examples (the
-    checkpoint's task, or ``calib_file``) -- see :mod:`bert_gluon.quantization`."""
+    quantized on the CPU by ``int8_backend`` (oneDNN's is calibrated on a few hundred of its
+    training examples: the checkpoint's task, or ``calib_file``) -- see
+    :mod:`bert_gluon.quantization`."""
     from .checkpoints import from_pretrained
 
     model, tokenizer = from_pretrained(checkpoint, task="classifier", ctx=ctx)
@@ -336,24 +338,26 @@ def _load_checkpoint(checkpoint: str, ctx: mx.Context, int8: bool = False,
         from .quantization import quantize_checkpoint_model
 
         model = quantize_checkpoint_model(model, tokenizer, meta, train_file=calib_file,
-                                          data_dir=data_dir, ctx=ctx)
+                                          data_dir=data_dir, backend=int8_backend, ctx=ctx)
     return model, tokenizer, meta
 
 
 def evaluate(checkpoint: str, task: Optional[str] = None, split: str = "dev",
              file: Optional[str] = None, data_dir: Optional[str] = None,
              predictions: Optional[str] = None, batch_size: int = 64, skip_bad: bool = False,
-             int8: bool = False, calib_file: Optional[str] = None,
+             int8: bool = False, calib_file: Optional[str] = None, int8_backend: str = "auto",
              ctx: Optional[mx.Context] = None) -> Dict[str, float]:
     """Accuracy and F1 (or MSE and Pearson) of ``checkpoint`` on a labelled split or file.
 
     Columns and labels come from the checkpoint (what it was fine-tuned on). ``predictions``:
     also write one ``label<TAB>probability`` line per example (TSV with a header).
-    ``int8``: score with the INT8-quantized model (CPU; calibrated on the checkpoint's
-    training data, or ``calib_file``).
+    ``int8``: score with the INT8-quantized model (CPU; ``int8_backend`` as in
+    :func:`bert_gluon.quantization.quantize_classifier`; oneDNN's is calibrated on the
+    checkpoint's training data, or ``calib_file``).
     """
     ctx = ctx or default_context()
-    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir)
+    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir,
+                                              int8_backend)
     labels = meta["class_labels"]
     task = task or meta.get("task")
     if file is None:
@@ -381,12 +385,14 @@ def evaluate(checkpoint: str, task: Optional[str] = None, split: str = "dev",
 
 def predict(checkpoint: str, inputs: Sequence[Sequence[str]], batch_size: int = 64,
             int8: bool = False, calib_file: Optional[str] = None,
-            data_dir: Optional[str] = None,
+            data_dir: Optional[str] = None, int8_backend: str = "auto",
             ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
     """Label and probability for each input (a sentence, or a ``(sentence_a, sentence_b)``
-    pair, matching what the checkpoint was trained on). ``int8``: as in :func:`evaluate`."""
+    pair, matching what the checkpoint was trained on). ``int8``, ``int8_backend``: as in
+    :func:`evaluate`."""
     ctx = ctx or default_context()
-    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir)
+    model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir,
+                                              int8_backend)
     labels, pair = meta["class_labels"], bool(meta["pair"])
     rows = [(x,) if isinstance(x, str) else tuple(x) for x in inputs]
     for i, row in enumerate(rows):
@@ -403,7 +409,7 @@ def predict(checkpoint: str, inputs: Sequence[Sequence[str]], batch_size: int = 
 def predict_file(checkpoint: str, file: str, output: Optional[str] = None,
                  text_columns: Optional[Sequence[str]] = None, skip_bad: bool = False,
                  int8: bool = False, calib_file: Optional[str] = None,
-                 data_dir: Optional[str] = None,
+                 data_dir: Optional[str] = None, int8_backend: str = "auto",
                  ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
     """:func:`predict` for every row of a TSV/CSV file (labels, if any, are ignored);
     ``output`` gets the predictions as TSV."""
@@ -413,7 +419,7 @@ def predict_file(checkpoint: str, file: str, output: Optional[str] = None,
     cols = text_columns or meta.get("text_columns")
     examples = read_examples(file, cols, None, None, skip_bad=skip_bad)
     results = predict(checkpoint, examples, int8=int8, calib_file=calib_file,
-                      data_dir=data_dir, ctx=ctx)
+                      data_dir=data_dir, int8_backend=int8_backend, ctx=ctx)
     if output:
         _write_rows(output, results)
     return results

@@ -1,4 +1,5 @@
-"""INT8 inference (bert_gluon.quantization) against the fp32 model it came from.
+"""INT8 inference (bert_gluon.quantization), both backends, against the fp32 model it came
+from, and bert_gluon's ``bg_int8_dense`` operator against an integer reference in NumPy.
 
 Reference: the same BERTClassifier in fp32. Tolerance (tiny model, 64 held-out pairs of
 random lengths): predicted classes agree on >= 90% of examples, and every logit is within
@@ -14,7 +15,9 @@ import pytest
 
 import bert_gluon  # noqa: F401
 from bert_gluon import BERTClassifier, BERTConfig
-from bert_gluon.quantization import quantize_classifier
+from bert_gluon import ops
+from bert_gluon.quantization import (pack_int8_weight, quantize_classifier,
+                                    quantize_dense_layers, resolve_backend)
 
 CFG = BERTConfig.preset("tiny", dropout=0.0, attention_dropout=0.0)
 T = 24
@@ -31,16 +34,30 @@ def _batch(n, seed, T=T):
     return words, valid, segments
 
 
-@pytest.fixture(scope="module")
-def models():
+def _fp32_model():
     mx.random.seed(7)
     net = BERTClassifier(CFG, num_classes=3)
     net.initialize(mx.init.Normal(0.1))
     net.output.weight.set_data(net.output.weight.data() * 20)   # logits spread over ~2 units
     net.hybridize(static_alloc=True)
+    return net
+
+
+@pytest.fixture(scope="module")
+def models():
+    net = _fp32_model()
     calib = [_batch(32, seed) for seed in range(6)]           # 192 calibration examples
-    qnet = quantize_classifier(net, calib, num_calib_examples=160, batch_size=32)
+    qnet = quantize_classifier(net, calib, backend="onednn", num_calib_examples=160,
+                               batch_size=32)
     return net, qnet
+
+
+@pytest.fixture(scope="module")
+def bg_models():
+    if not ops.use_fast_ops():
+        pytest.skip("bert_gluon's operators did not build")
+    net = _fp32_model()
+    return net, quantize_classifier(net, backend="bert_gluon")
 
 
 def _run(net, words, valid, segments):
@@ -48,8 +65,9 @@ def _run(net, words, valid, segments):
 
 
 @pytest.mark.parametrize("length", [T, 16])
-def test_int8_agrees_with_fp32(models, length):
-    net, qnet = models
+@pytest.mark.parametrize("backend", ["onednn", "bert_gluon"])
+def test_int8_agrees_with_fp32(models, bg_models, backend, length):
+    net, qnet = models if backend == "onednn" else bg_models
     words, valid, segments = _batch(64, seed=100, T=length)
     fp32 = _run(net, words, valid, segments)
     int8 = _run(qnet, words, valid, segments)
@@ -71,8 +89,9 @@ def test_int8_graph_really_is_quantized(models):
                if n["attrs"].get("enable_float_output") != "True")
 
 
-def test_padding_does_not_change_int8_predictions(models):
-    _, qnet = models
+@pytest.mark.parametrize("backend", ["onednn", "bert_gluon"])
+def test_padding_does_not_change_int8_predictions(models, bg_models, backend):
+    _, qnet = models if backend == "onednn" else bg_models
     words, valid, segments = _batch(8, seed=3, T=16)
     wide = [np.pad(a, ((0, 0), (0, 8))) for a in (words, segments)]
     short = _run(qnet, words, valid, segments)
@@ -84,14 +103,20 @@ def test_bad_calibration_data_is_named():
     net = BERTClassifier(CFG)
     net.initialize()
     with pytest.raises(ValueError, match="calib_data is empty"):
-        quantize_classifier(net, [])
+        quantize_classifier(net, [], backend="onednn")
     words, valid, segments = _batch(4, 0)
     with pytest.raises(ValueError, match="batch 1"):
-        quantize_classifier(net, [(words, valid, segments), (words, segments, valid)])
+        quantize_classifier(net, [(words, valid, segments), (words, segments, valid)],
+                            backend="onednn")
     with pytest.raises(ValueError, match="calib_mode"):
-        quantize_classifier(net, [(words, valid, segments)], calib_mode="minmax")
+        quantize_classifier(net, [(words, valid, segments)], calib_mode="minmax",
+                            backend="onednn")
     with pytest.raises(ValueError, match="CPU"):
         quantize_classifier(net, [(words, valid, segments)], ctx=mx.gpu(0))
+    with pytest.raises(ValueError, match="calib_data"):
+        quantize_classifier(net, backend="onednn")
+    with pytest.raises(ValueError, match="INT8 backend"):
+        quantize_classifier(net, backend="amx")
 
 
 def test_quantize_checkpoint_model_calibrates_on_its_training_file(tmp_path):
@@ -118,9 +143,9 @@ def test_quantize_checkpoint_model_calibrates_on_its_training_file(tmp_path):
     net.hybridize(static_alloc=True)
 
     with pytest.raises(ValueError, match="train_file"):
-        quantize_checkpoint_model(net, tok, meta)
+        quantize_checkpoint_model(net, tok, meta, backend="onednn")
     qnet = quantize_checkpoint_model(net, tok, meta, train_file=str(tmp_path / "train.tsv"),
-                                     num_examples=32, batch_size=16)
+                                     num_examples=32, batch_size=16, backend="onednn")
     transform = BERTDatasetTransform(tok, 32, ["0", "1"], pad=False)
     samples = [transform(row.split("\t")) for row in rows[1:]]
     fp32 = predict_scores(net, samples, tok.pad_id, mx.cpu(), 16)
@@ -128,3 +153,125 @@ def test_quantize_checkpoint_model_calibrates_on_its_training_file(tmp_path):
     # calibrated on only 32 pairs, so 5% of the logit range here instead of 3%
     assert np.abs(int8 - fp32).max() <= 0.05 * (fp32.max() - fp32.min())
     assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.9
+    # bert_gluon's backend scales on the fly: no training file needed
+    if ops.use_fast_ops():
+        bg = predict_scores(quantize_checkpoint_model(net, tok, meta, backend="bert_gluon"),
+                            samples, tok.pad_id, mx.cpu(), 16)
+        assert np.abs(bg - fp32).max() <= 0.03 * (fp32.max() - fp32.min())
+
+
+# --- bert_gluon's own INT8 operator --------------------------------------------------------
+def _erf_gelu(x):
+    import math
+
+    return x * 0.5 * (1.0 + np.vectorize(math.erf)(x / np.sqrt(2.0)))
+
+
+def _reference_int8_dense(x, weight, bias, act):
+    """What bg_int8_dense computes, in NumPy: per-row activation scales, per-unit weight
+    scales, exact integer sums, then float32 rescaling, bias and GELU."""
+    amax_w = np.abs(weight).max(axis=1)
+    ws = np.where(amax_w > 0, amax_w / np.float32(127), 1).astype(np.float32)
+    qw = np.clip(np.rint(weight / ws[:, None]), -127, 127).astype(np.int64)
+    rows = x.reshape(-1, x.shape[-1])
+    amax = np.abs(rows).max(axis=1)
+    xs = np.where(amax > 0, amax / np.float32(127), 1).astype(np.float32)
+    qx = np.rint(rows * (np.float32(1) / xs)[:, None]).astype(np.int64)
+    sums = qx @ qw.T                                              # exact int64
+    y = (sums.astype(np.float32) * xs[:, None] * ws[None, :] + bias).astype(np.float32)
+    if act == "gelu":
+        y = _erf_gelu(y.astype(np.float64)).astype(np.float32)
+    return y.reshape(x.shape[:-1] + (weight.shape[0],)), sums
+
+
+@pytest.fixture
+def kernel(request, monkeypatch):
+    """Runs each operator test with the AMX tiles and with the portable loop."""
+    if not ops.use_fast_ops():
+        pytest.skip("bert_gluon's operators did not build")
+    monkeypatch.setenv("BERT_GLUON_INT8_AMX", "1" if request.param == "amx" else "0")
+    return request.param
+
+
+def test_pack_int8_weight_layout():
+    r = np.random.RandomState(0)
+    w = r.randn(70, 100).astype(np.float32)
+    packed, scale = pack_int8_weight(w)
+    Np, Kp = 96, 128                                  # 70 -> 3 x 32 units, 100 -> 2 x 64
+    assert packed.dtype == np.int8 and packed.shape == (Np * Kp,)
+    np.testing.assert_allclose(scale, np.abs(w).max(1) / 127, rtol=1e-6)
+    q = np.rint(w / scale[:, None]).astype(np.int64)
+    assert np.abs(q).max() == 127
+    for n, k in [(0, 0), (1, 0), (0, 1), (15, 63), (16, 64), (69, 99), (33, 70), (5, 4)]:
+        index = ((n // 16) * (Kp // 64) + k // 64) * 1024 + (k % 64) // 4 * 64 + (n % 16) * 4 + k % 4
+        assert packed[index] == q[n, k], (n, k)
+    assert np.count_nonzero(packed) <= 70 * 100                       # padding is zero
+    assert sorted(packed[packed != 0].tolist()) == sorted(q[q != 0].ravel().tolist())
+    with pytest.raises(ValueError, match="shape"):
+        pack_int8_weight(np.zeros(5, np.float32))
+
+
+@pytest.mark.parametrize("kernel", ["amx", "plain"], indirect=True)
+@pytest.mark.parametrize("shape,act", [((37, 100), "none"), ((3, 5, 100), "gelu"),
+                                       ((64, 384), "gelu"), ((1, 1536), "none")])
+def test_int8_dense_matches_integer_reference(kernel, shape, act):
+    r = np.random.RandomState(len(shape) + shape[-1])
+    N = 70 if shape[-1] == 100 else 384
+    x = (r.randn(*shape) * 2).astype(np.float32)
+    x[0, ..., :3] = 0                                   # rows with zeros, one row all zero
+    if len(shape) == 2 and shape[0] > 1:
+        x[-1] = 0
+    w = (r.randn(N, shape[-1]) * 0.05).astype(np.float32)
+    b = r.randn(N).astype(np.float32)
+    packed, scale = pack_int8_weight(w)
+    out = mx.nd.bg_int8_dense(mx.nd.array(x), mx.nd.array(packed, dtype="int8"),
+                              mx.nd.array(scale), mx.nd.array(b), num_hidden=N,
+                              in_units=shape[-1], act=act).asnumpy()
+    want, sums = _reference_int8_dense(x, w, b, act)
+    assert out.shape == shape[:-1] + (N,)
+    assert np.abs(sums).max() > 1000                   # the sums are not trivially small
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+    # and INT8 is close to the float32 layer itself (~1% of the output range)
+    fp32 = x @ w.T + b
+    fp32 = _erf_gelu(fp32) if act == "gelu" else fp32
+    assert np.abs(out - fp32).max() < 0.02 * (fp32.max() - fp32.min())
+
+
+def test_int8_dense_bad_arguments_are_named():
+    if not ops.use_fast_ops():
+        pytest.skip("bert_gluon's operators did not build")
+    packed, scale = pack_int8_weight(np.ones((8, 16), np.float32))
+    args = (mx.nd.array(packed, dtype="int8"), mx.nd.array(scale), mx.nd.zeros(8))
+    with pytest.raises(mx.MXNetError, match="in_units"):
+        mx.nd.bg_int8_dense(mx.nd.ones((2, 15)), *args, num_hidden=8, in_units=16).wait_to_read()
+    with pytest.raises(mx.MXNetError, match="int8"):
+        mx.nd.bg_int8_dense(mx.nd.ones((2, 16)), mx.nd.array(packed), *args[1:], num_hidden=8,
+                            in_units=16).wait_to_read()
+    with pytest.raises(mx.MXNetError, match="act"):
+        mx.nd.bg_int8_dense(mx.nd.ones((2, 16)), *args, num_hidden=8, in_units=16,
+                            act="relu").wait_to_read()
+
+
+def test_bert_gluon_int8_graph_replaces_every_encoder_dense_layer(bg_models):
+    net, qnet = bg_models
+    nodes = json.loads(qnet._cached_graph[1].tojson())["nodes"]
+    dense = [n for n in nodes if n["op"] == "bg_int8_dense"]
+    # qkv, attention output, ffn1 (+ its GELU), ffn2 per layer; pooler and output stay fp32
+    assert len(dense) == 4 * CFG.num_layers
+    assert sum(n["attrs"]["act"] == "gelu" for n in dense) == CFG.num_layers
+    assert not [n for n in nodes if n["op"] == "LeakyReLU"]
+    fp32_fc = [n["name"] for n in nodes if n["op"] == "FullyConnected"]
+    assert len(fp32_fc) == 2 and any(net.output.name in name for name in fp32_fc)
+    params = qnet.collect_params()
+    int8 = [p for p in params.values() if p.dtype == np.int8]
+    assert len(int8) == 4 * CFG.num_layers
+    assert all(p.grad_req == "null" for p in params.values())
+
+
+def test_auto_backend_follows_the_cpu(monkeypatch):
+    from bert_gluon import quantization
+
+    monkeypatch.setattr(quantization, "amx_int8_available", lambda: True)
+    assert resolve_backend() == "bert_gluon"
+    monkeypatch.setattr(quantization, "amx_int8_available", lambda: False)
+    assert resolve_backend("auto") == "onednn" and resolve_backend("bert_gluon") == "bert_gluon"
