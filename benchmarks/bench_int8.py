@@ -3,16 +3,19 @@
     python benchmarks/bench_int8.py --checkpoint runs/mrpc/best
 
 1. Load the fine-tuned checkpoint (``bert-gluon finetune`` writes ``<output_dir>/best``).
-2. Calibrate :func:`bert_gluon.quantization.quantize_checkpoint_model` on
-   ``--calib-examples`` random training pairs (the package's transform + bucketed loader).
-3. Score the dev set with both models through :func:`bert_gluon.finetuning.predict_scores`
+2. Quantize it with each of ``--backends`` (:func:`bert_gluon.quantization.quantize_checkpoint_model`):
+   ``bert_gluon`` (AMX tiles, no calibration) and ``onednn`` (calibrated on
+   ``--calib-examples`` random training pairs: the package's transform + bucketed loader).
+   Default: both where the CPU has AMX INT8, else onednn.
+3. Score the dev set with every model through :func:`bert_gluon.finetuning.predict_scores`
    (the same bucketed batches ``bert-gluon evaluate`` uses): accuracy and F1.
-4. Time both, alternating in one process, median of ``--repeats`` passes: over the dev set
+4. Time them, alternating in one process, median of ``--repeats`` passes: over the dev set
    (bucketed, batch ``--batch-size``) and over one fixed batch 32 x 128.
 5. The ceiling: the model's dense layers alone (its four GEMM shapes at 32 x 128 rows), fp32
-   ``FullyConnected`` against oneDNN's INT8 ``quantized_fully_connected``, alternating. Their
-   share of the fp32 pass and their INT8 speed-up bound the whole pass (Amdahl), if nothing
-   else got faster and quantizing cost nothing.
+   ``FullyConnected`` against each backend's INT8 kernel (oneDNN's
+   ``quantized_fully_connected`` on int8 data; ``bg_int8_dense`` on float32 data, its own
+   quantization included), alternating. Their share of the fp32 pass and their INT8 speed-up
+   bound the whole pass (Amdahl), if nothing else got faster.
 
 Writes ``benchmarks/results/int8_<time>.json`` and prints one table.
 """
@@ -54,12 +57,16 @@ def time_alternating(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[s
     return times
 
 
-def dense_layer_ceiling(cfg: BERTConfig, rows: int, repeats: int) -> Dict:
+def dense_layer_ceiling(cfg: BERTConfig, rows: int, repeats: int,
+                        backends: Sequence[str]) -> Dict:
     """Seconds per pass of the encoder's dense layers at ``rows`` tokens, fp32 and INT8.
 
     Per layer: the fused QKV projection (units -> 3 units), the attention output (units ->
     units) and the two feed-forward layers (units -> hidden -> units), each timed alone on
-    random data (INT8: s8 inputs and weights, s32 bias, as the quantized graph feeds them)."""
+    random data (oneDNN: s8 inputs and weights, as the quantized graph feeds them; bert_gluon:
+    float32 inputs, packed int8 weights)."""
+    from bert_gluon.quantization import pack_int8_weight
+
     rng = np.random.RandomState(0)
     C, H = cfg.units, cfg.hidden_size
     shapes = [(C, 3 * C), (C, C), (C, H), (H, C)]
@@ -72,15 +79,26 @@ def dense_layer_ceiling(cfg: BERTConfig, rows: int, repeats: int) -> Dict:
         x, w, b = (a.astype("float32") for a in (x8, w8, b8))
         fns[f"fp32 {k}->{n}"] = (lambda x=x, w=w, b=b, n=n: mx.nd.FullyConnected(
             x, w, b, num_hidden=n).wait_to_read())
-        fns[f"int8 {k}->{n}"] = (lambda x=x8, w=w8, b=b8, n=n: mx.nd.contrib
-                                 .quantized_fully_connected(x, w, b, lo, hi, lo, hi, lo, hi,
-                                                            num_hidden=n)[0].wait_to_read())
+        if "onednn" in backends:
+            fns[f"onednn {k}->{n}"] = (lambda x=x8, w=w8, b=b8, n=n: mx.nd.contrib
+                                       .quantized_fully_connected(x, w, b, lo, hi, lo, hi, lo,
+                                                                  hi, num_hidden=n)[0]
+                                       .wait_to_read())
+        if "bert_gluon" in backends:
+            packed, scale = pack_int8_weight(w.asnumpy())
+            wp, ws = mx.nd.array(packed, dtype="int8"), mx.nd.array(scale)
+            fns[f"bert_gluon {k}->{n}"] = (lambda x=x, w=wp, s=ws, b=b, n=n, k=k: mx.nd
+                                           .bg_int8_dense(x, w, s, b, num_hidden=n, in_units=k)
+                                           .wait_to_read())
     med = {k: statistics.median(v) for k, v in time_alternating(fns, repeats).items()}
-    per_shape = {f"{k}->{n}": med[f"fp32 {k}->{n}"] / med[f"int8 {k}->{n}"] for k, n in shapes}
     fp32 = cfg.num_layers * sum(med[f"fp32 {k}->{n}"] for k, n in shapes)
-    int8 = cfg.num_layers * sum(med[f"int8 {k}->{n}"] for k, n in shapes)
-    return {"rows": rows, "fp32_s": fp32, "int8_s": int8, "int8_over_fp32": fp32 / int8,
-            "int8_over_fp32_per_shape": per_shape}
+    out: Dict = {"rows": rows, "fp32_s": fp32}
+    for be in backends:
+        int8 = cfg.num_layers * sum(med[f"{be} {k}->{n}"] for k, n in shapes)
+        out[be] = {"int8_s": int8, "int8_over_fp32": fp32 / int8,
+                   "int8_over_fp32_per_shape": {f"{k}->{n}": med[f"fp32 {k}->{n}"]
+                                                / med[f"{be} {k}->{n}"] for k, n in shapes}}
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -88,14 +106,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from bert_gluon.data import BERTDatasetTransform, load_task, transform_examples
     from bert_gluon.fileio import write_json
     from bert_gluon.finetuning import classification_metrics, predict_scores
-    from bert_gluon.quantization import quantize_checkpoint_model
+    from bert_gluon.quantization import amx_int8_available, quantize_checkpoint_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None,
                    help="fine-tuned checkpoint folder (default: newest runs/*/best)")
     p.add_argument("--task", default=None, help="task of the dev set (default: the checkpoint's)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--calib-examples", type=int, default=320)
+    p.add_argument("--backends", nargs="+", choices=["bert_gluon", "onednn"],
+                   default=["bert_gluon", "onednn"] if amx_int8_available() else ["onednn"],
+                   help="INT8 backends to measure (default: both where the CPU has AMX INT8)")
+    p.add_argument("--calib-examples", type=int, default=320, help="onednn calibration pairs")
     p.add_argument("--calib-mode", default="naive", choices=["naive", "entropy"])
     p.add_argument("--granularity", default="tensor-wise", choices=["tensor-wise", "channel-wise"],
                    help="INT8 weight scales per layer or per output unit")
@@ -134,12 +155,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     model.hybridize(static_alloc=True, static_shape=True)
     transform = BERTDatasetTransform(tokenizer, int(meta.get("max_len", 128)), labels,
                                      pad=False, pair=bool(meta.get("pair", True)))
-    t = time.perf_counter()
-    qnet = quantize_checkpoint_model(model, tokenizer, dict(meta, task=task),
-                                     data_dir=args.data_dir, num_examples=args.calib_examples,
-                                     batch_size=args.batch_size, calib_mode=args.calib_mode,
-                                     granularity=args.granularity)
-    quantize_s = time.perf_counter() - t
+    nets = {"fp32": model}
+    quantize_s = {}
+    for be in args.backends:
+        t = time.perf_counter()
+        options = (dict(num_examples=args.calib_examples, batch_size=args.batch_size,
+                        calib_mode=args.calib_mode, granularity=args.granularity)
+                   if be == "onednn" else {})
+        nets[be] = quantize_checkpoint_model(model, tokenizer, dict(meta, task=task),
+                                             data_dir=args.data_dir, backend=be, **options)
+        quantize_s[be] = time.perf_counter() - t
+    int8_names = list(args.backends)
 
     dev = transform_examples(load_task(task, "dev", args.data_dir), transform, "dev")
     gold = np.array([int(s[3]) for s in dev])
@@ -150,14 +176,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                     "cpu": bert_gluon.runtime.cpu_description(),
                     "load_avg_at_start": os.getloadavg(), "calib_examples": args.calib_examples,
                     "calib_mode": args.calib_mode, "granularity": args.granularity,
-                    "quantize_seconds": quantize_s,
-                    "dev_examples": len(dev), "metrics": {}, "speed": {}}
-    nets = {"fp32": model, "int8": qnet}
+                    "backends": int8_names, "quantize_seconds": quantize_s,
+                    "dev_examples": len(dev), "metrics": {}, "agreement": {}, "speed": {}}
+    preds = {}
     for name, net in nets.items():
         scores = predict_scores(net, dev, tokenizer.pad_id, ctx, args.batch_size)
         result["metrics"][name] = classification_metrics(gold, scores.argmax(1))
-        result.setdefault("agreement", []).append(scores.argmax(1))
-    result["agreement"] = float((result["agreement"][0] == result["agreement"][1]).mean())
+        preds[name] = scores.argmax(1)
+    for name in int8_names:
+        result["agreement"][name] = float((preds[name] == preds["fp32"]).mean())
 
     rng = np.random.RandomState(0)
     words = mx.nd.array(rng.randint(1000, tokenizer.vocab.__len__(), size=(32, 128)))
@@ -175,35 +202,43 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         times = time_alternating(fns, args.repeats)
         result["speed"][wname] = {n: {"times_s": ts, "seq_per_s": nseq / statistics.median(ts)}
                                   for n, ts in times.items()}
-        result["speed"][wname]["int8_over_fp32"] = (result["speed"][wname]["int8"]["seq_per_s"]
-                                                    / result["speed"][wname]["fp32"]["seq_per_s"])
+        for name in int8_names:
+            r = result["speed"][wname]
+            r[name]["int8_over_fp32"] = r[name]["seq_per_s"] / r["fp32"]["seq_per_s"]
     if args.speed:
-        ceiling = dense_layer_ceiling(model.config, 32 * 128, max(args.repeats, 5))
+        ceiling = dense_layer_ceiling(model.config, 32 * 128, max(args.repeats, 5), int8_names)
         fp32_pass = 1.0 / result["speed"]["batch 32 x 128"]["fp32"]["seq_per_s"] * 32
         ceiling["share_of_fp32_pass"] = ceiling["fp32_s"] / fp32_pass
-        ceiling["bound_on_int8_over_fp32"] = fp32_pass / (fp32_pass - ceiling["fp32_s"]
-                                                          + ceiling["int8_s"])
+        for name in int8_names:
+            ceiling[name]["bound_on_int8_over_fp32"] = fp32_pass / (
+                fp32_pass - ceiling["fp32_s"] + ceiling[name]["int8_s"])
         result["dense_layers_32x128"] = ceiling
     result["load_avg_at_end"] = os.getloadavg()
 
-    print(f"checkpoint {result['checkpoint']}  ({task} dev, {len(dev)} examples; calibrated on "
-          f"{args.calib_examples} train pairs, {args.calib_mode}, {args.granularity}, "
-          f"{quantize_s:.0f} s)")
-    print(f"{'':22s} {'fp32':>10s} {'int8':>10s}")
+    how = ", ".join(f"{be} {quantize_s[be]:.1f} s" + (
+        f" (calibrated on {args.calib_examples} train pairs, {args.calib_mode}, "
+        f"{args.granularity})" if be == "onednn" else "") for be in int8_names)
+    print(f"checkpoint {result['checkpoint']}  ({task} dev, {len(dev)} examples; quantized: "
+          f"{how})")
+    print(f"{'':22s} {'fp32':>10s}" + "".join(f" {'int8 ' + be:>22s}" for be in int8_names))
     for m in ("accuracy", "f1"):
-        print(f"{'dev ' + m:22s} {result['metrics']['fp32'][m]:10.4f} "
-              f"{result['metrics']['int8'][m]:10.4f}")
-    print(f"{'same prediction':22s} {result['agreement']:21.4f}")
+        print(f"{'dev ' + m:22s} {result['metrics']['fp32'][m]:10.4f}"
+              + "".join(f" {result['metrics'][be][m]:22.4f}" for be in int8_names))
+    print(f"{'same prediction':22s} {'':10s}"
+          + "".join(f" {result['agreement'][be]:22.4f}" for be in int8_names))
     for wname, r in result["speed"].items():
-        print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f} "
-              f"{r['int8']['seq_per_s']:10.2f}"
-              f"   x{r['int8_over_fp32']:.2f}")
+        print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f}" + "".join(
+            f" {r[be]['seq_per_s']:14.2f} (x{r[be]['int8_over_fp32']:.2f})" for be in int8_names))
     if "dense_layers_32x128" in result:
         c = result["dense_layers_32x128"]
-        shapes = ", ".join(f"{k} x{v:.2f}" for k, v in c["int8_over_fp32_per_shape"].items())
-        print(f"dense layers alone at 32 x 128: INT8 x{c['int8_over_fp32']:.2f} over fp32 "
-              f"({shapes}); they are {100 * c['share_of_fp32_pass']:.0f} % of the fp32 pass, "
-              f"so INT8 dense layers alone can give at most x{c['bound_on_int8_over_fp32']:.2f}")
+        print(f"dense layers alone at 32 x 128: {100 * c['share_of_fp32_pass']:.0f} % of the "
+              f"fp32 pass")
+        for be in int8_names:
+            shapes = ", ".join(f"{k} x{v:.2f}"
+                               for k, v in c[be]["int8_over_fp32_per_shape"].items())
+            print(f"  {be}: INT8 x{c[be]['int8_over_fp32']:.2f} over fp32 ({shapes}), so INT8 "
+                  f"dense layers alone can give at most x{c[be]['bound_on_int8_over_fp32']:.2f}"
+                  + (" (not counting the GELU it fuses)" if be == "bert_gluon" else ""))
     print(f"(median of {args.repeats} alternating passes, OMP_NUM_THREADS="
           f"{result['omp_num_threads']}, load average {result['load_avg_at_start'][0]:.1f} -> "
           f"{result['load_avg_at_end'][0]:.1f})")
