@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -37,7 +38,8 @@ import numpy as np
 from mxnet.base import NDArrayHandle, py_str
 
 __all__ = ["quantize_classifier", "quantize_checkpoint_model", "quantize_dense_layers",
-           "pack_int8_weight", "amx_int8_available", "resolve_backend", "CalibrationCollector"]
+           "pack_int8_weight", "amx_int8_available", "int8_kernel", "resolve_backend",
+           "CalibrationCollector"]
 
 BACKENDS = ("auto", "bert_gluon", "onednn")
 
@@ -142,13 +144,29 @@ def resolve_backend(backend: str = "auto") -> str:
     return backend
 
 
-def amx_int8_available() -> bool:
-    """Whether :func:`quantize_dense_layers` runs fast here: the CPU has AMX INT8 tiles and
-    bert_gluon's compiled operators load (elsewhere ``bg_int8_dense`` computes the same
-    numbers with a slow portable loop)."""
+def int8_kernel() -> Optional[str]:
+    """Which kernel ``bg_int8_dense`` runs here: ``"amx"`` (Intel AMX INT8 tiles),
+    ``"vnni"`` (AVX-512 VNNI), ``"plain"`` (a portable loop: same numbers, slow), or None when
+    bert_gluon's compiled operators do not load. ``BERT_GLUON_INT8_KERNEL=vnni`` or
+    ``=plain`` asks for a slower one than the best (the value then says which runs)."""
     from . import ops
 
-    return b" amx_int8" in ops._cpu_flags() and ops.use_fast_ops()
+    if not ops.use_fast_ops():
+        return None
+    flags = ops._cpu_flags()
+    order = ["plain", "vnni", "amx"]
+    best = "amx" if b" amx_int8" in flags and b" amx_tile" in flags else (
+        "vnni" if b" avx512_vnni" in flags else "plain")
+    want = os.environ.get("BERT_GLUON_INT8_KERNEL", "")
+    if want in order and order.index(want) < order.index(best):
+        return want
+    return best
+
+
+def amx_int8_available() -> bool:
+    """Whether :func:`quantize_dense_layers` runs on AMX tiles here (the ``"auto"`` backend
+    picks it then; with AVX-512 VNNI alone MXNet's oneDNN INT8 is as fast)."""
+    return int8_kernel() == "amx"
 
 
 def _constant(sym: mx.sym.Symbol, entry, nodes, params: Dict[str, mx.nd.NDArray]):

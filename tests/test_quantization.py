@@ -186,10 +186,17 @@ def _reference_int8_dense(x, weight, bias, act):
 
 @pytest.fixture
 def kernel(request, monkeypatch):
-    """Runs each operator test with the AMX tiles and with the portable loop."""
+    """Runs each operator test with each kernel this CPU has: AMX tiles, AVX-512 VNNI and the
+    portable loop (all three must give the same integer sums)."""
+    from bert_gluon.quantization import int8_kernel
+
     if not ops.use_fast_ops():
         pytest.skip("bert_gluon's operators did not build")
-    monkeypatch.setenv("BERT_GLUON_INT8_AMX", "1" if request.param == "amx" else "0")
+    order = ["plain", "vnni", "amx"]
+    if order.index(request.param) > order.index(int8_kernel()):
+        pytest.skip(f"this CPU has no {request.param} kernel")
+    monkeypatch.setenv("BERT_GLUON_INT8_KERNEL", request.param)
+    assert int8_kernel() == request.param
     return request.param
 
 
@@ -211,7 +218,7 @@ def test_pack_int8_weight_layout():
         pack_int8_weight(np.zeros(5, np.float32))
 
 
-@pytest.mark.parametrize("kernel", ["amx", "plain"], indirect=True)
+@pytest.mark.parametrize("kernel", ["amx", "vnni", "plain"], indirect=True)
 @pytest.mark.parametrize("shape,act", [((37, 100), "none"), ((3, 5, 100), "gelu"),
                                        ((64, 384), "gelu"), ((1, 1536), "none")])
 def test_int8_dense_matches_integer_reference(kernel, shape, act):

@@ -14,8 +14,9 @@
 // operator replaces MXNet's quantize, INT8 FullyConnected, requantize/dequantize and GELU
 // nodes. Why: MXNet 1.9.1's oneDNN never reaches AMX for BERT's layer sizes (it hands oneDNN
 // plain row-major weights), and its INT8 graph spends as long converting between int8 and
-// float32 as multiplying. Without AMX (or when the kernel refuses to grant tile state) a plain
-// loop computes the same int32 sums, exactly, more slowly (BERT_GLUON_INT8_AMX=0 forces it).
+// float32 as multiplying. Without AMX (or when Linux refuses to grant tile state) AVX-512 VNNI
+// (VPDPBUSD) computes the same int32 sums, exactly, and without either a plain loop does, slowly.
+// BERT_GLUON_INT8_KERNEL=vnni or =plain picks a slower kernel than the best one.
 //
 // Packed weight layout, for Np = N rounded up to 32 and Kp = K rounded up to 64 (zeros pad):
 //   [Np / 16][Kp / 64][16 rows: k / 4][16 units][4: k % 4]
@@ -31,10 +32,15 @@
 #include "common.h"
 #include "mxnet/lib_api.h"
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define BG_HAVE_AMX 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define BG_HAVE_VNNI 1
+#endif
+#if defined(BG_HAVE_AMX) || defined(BG_HAVE_VNNI)
+#include <immintrin.h>
 #endif
 
 using namespace mxnet::ext;
@@ -143,15 +149,63 @@ inline void block_amx(const int8_t* a, const int8_t* bp, int64_t Kp, int32_t* c 
 }
 #endif
 
-// BERT_GLUON_INT8_AMX=0 forces the plain loop (tests compare the two)
-bool use_amx() {
-#ifdef BG_HAVE_AMX
-  const char* env = std::getenv("BERT_GLUON_INT8_AMX");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  return amx_permitted();
-#else
-  return false;
+#ifdef BG_HAVE_VNNI
+// AVX-512 VNNI: VPDPBUSD multiplies unsigned bytes by signed ones, so the rows come as
+// u = q + 128 (quantize_row_u8) and 128 * (sum of each unit's weights) is taken off after.
+// The packed B-tile rows are VNNI's layout already: 64 bytes = 16 units x 4 values of K.
+inline void block_vnni(const uint8_t* a, const int8_t* bp, int64_t Kp, const int32_t* wsum128,
+                       int32_t* c /*32x32*/) {
+  const int64_t KB = Kp / KBLK;
+  const int8_t* b0 = bp;
+  const int8_t* b1 = bp + KB * 1024;
+  constexpr int R = 8;                            // rows per pass: 16 accumulators
+  for (int m0 = 0; m0 < MBLK; m0 += R) {
+    __m512i acc0[R], acc1[R];
+    for (int i = 0; i < R; ++i) {
+      acc0[i] = _mm512_setzero_si512();
+      acc1[i] = _mm512_setzero_si512();
+    }
+    const uint8_t* ar = a + m0 * Kp;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      for (int r = 0; r < 16; ++r) {
+        const __m512i w0 = _mm512_loadu_si512(b0 + kb * 1024 + r * 64);
+        const __m512i w1 = _mm512_loadu_si512(b1 + kb * 1024 + r * 64);
+        const int64_t k = kb * KBLK + 4 * r;
+        for (int i = 0; i < R; ++i) {
+          int32_t four;
+          std::memcpy(&four, ar + i * Kp + k, 4);
+          const __m512i x = _mm512_set1_epi32(four);
+          acc0[i] = _mm512_dpbusd_epi32(acc0[i], x, w0);
+          acc1[i] = _mm512_dpbusd_epi32(acc1[i], x, w1);
+        }
+      }
+    }
+    const __m512i s0 = _mm512_loadu_si512(wsum128), s1 = _mm512_loadu_si512(wsum128 + 16);
+    for (int i = 0; i < R; ++i) {
+      _mm512_storeu_si512(c + (m0 + i) * NBLK, _mm512_sub_epi32(acc0[i], s0));
+      _mm512_storeu_si512(c + (m0 + i) * NBLK + 16, _mm512_sub_epi32(acc1[i], s1));
+    }
+  }
+}
 #endif
+
+enum Kernel { kPlain = 0, kVnni = 1, kAmx = 2 };
+
+// The fastest this CPU and build have; BERT_GLUON_INT8_KERNEL=vnni or =plain asks for a slower
+// one (tests compare them; benchmarks time them).
+Kernel choose_kernel() {
+  const char* env = std::getenv("BERT_GLUON_INT8_KERNEL");
+  const std::string want = env ? env : "";
+  Kernel best = kPlain;
+#ifdef BG_HAVE_VNNI
+  best = kVnni;
+#endif
+#ifdef BG_HAVE_AMX
+  if (amx_permitted()) best = kAmx;
+#endif
+  if (want == "plain") return kPlain;
+  if (want == "vnni" && best >= kVnni) return kVnni;
+  return best;
 }
 
 struct Shape {
@@ -178,24 +232,42 @@ MXReturnValue forward(const bg::Attrs& attrs, std::vector<MXTensor>* inputs,
   const float* bias = (*inputs)[3].data<float>();
   float* y = (*outputs)[0].data<float>();
   const int64_t Mp = round_up(s.M, MBLK), MB = Mp / MBLK, NB = s.Np / NBLK;
+  const Kernel kernel = choose_kernel();
   // one request: MXNet's temporary space is a single buffer, a second alloc_cpu reuses it
-  float* xscale = static_cast<float*>(
-      res.alloc_cpu(static_cast<int>(Mp * sizeof(float) + Mp * s.Kp)));
+  int32_t* wsum128 = static_cast<int32_t*>(res.alloc_cpu(
+      static_cast<int>(s.Np * sizeof(int32_t) + Mp * sizeof(float) + Mp * s.Kp)));
+  float* xscale = reinterpret_cast<float*>(wsum128 + s.Np);
   int8_t* q = reinterpret_cast<int8_t*>(xscale + Mp);
-  const bool amx = use_amx();
+  const int64_t KB = s.Kp / KBLK;
 #pragma omp parallel
   {
+    const uint8_t shift = kernel == kVnni ? 128 : 0;     // VNNI takes unsigned activations
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < Mp; ++m) {
       if (m < s.M) {
         xscale[m] = quantize_row(x + m * s.K, s.K, s.Kp, q + m * s.Kp);
+        if (shift) {
+          uint8_t* u = reinterpret_cast<uint8_t*>(q + m * s.Kp);
+          for (int64_t k = 0; k < s.Kp; ++k) u[k] = static_cast<uint8_t>(u[k] + shift);
+        }
       } else {
         std::memset(q + m * s.Kp, 0, s.Kp);
         xscale[m] = 0.f;
       }
     }
+    if (kernel == kVnni) {                              // 128 x each unit's weight sum
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < s.Np; ++n) {
+        const int8_t* b = w + (n / 16) * KB * 1024 + (n % 16) * 4;
+        int32_t sum = 0;
+        for (int64_t kb = 0; kb < KB; ++kb)
+          for (int r = 0; r < 16; ++r)
+            for (int j = 0; j < 4; ++j) sum += b[kb * 1024 + r * 64 + j];
+        wsum128[n] = 128 * sum;
+      }
+    }
 #ifdef BG_HAVE_AMX
-    if (amx) configure_tiles();
+    if (kernel == kAmx) configure_tiles();
 #endif
     alignas(64) int32_t acc[MBLK * NBLK];
     alignas(64) float row[NBLK];
@@ -203,14 +275,18 @@ MXReturnValue forward(const bg::Attrs& attrs, std::vector<MXTensor>* inputs,
     for (int64_t mb = 0; mb < MB; ++mb) {
       for (int64_t nb = 0; nb < NB; ++nb) {
         const int8_t* a = q + mb * MBLK * s.Kp;
-        const int8_t* b = w + nb * 2 * (s.Kp / KBLK) * 1024;
+        const int8_t* b = w + nb * 2 * KB * 1024;
+        switch (kernel) {
 #ifdef BG_HAVE_AMX
-        if (amx) block_amx(a, b, s.Kp, acc);
-        else block_plain(a, b, s.Kp, acc);
-#else
-        (void)amx;
-        block_plain(a, b, s.Kp, acc);
+          case kAmx: block_amx(a, b, s.Kp, acc); break;
 #endif
+#ifdef BG_HAVE_VNNI
+          case kVnni:
+            block_vnni(reinterpret_cast<const uint8_t*>(a), b, s.Kp, wsum128 + nb * NBLK, acc);
+            break;
+#endif
+          default: block_plain(a, b, s.Kp, acc);
+        }
         const int64_t n0 = nb * NBLK, nn = std::min<int64_t>(NBLK, s.N - n0);
         const int64_t m1 = std::min<int64_t>(MBLK, s.M - mb * MBLK);
         for (int64_t i = 0; i < m1; ++i) {
@@ -228,7 +304,7 @@ MXReturnValue forward(const bg::Attrs& attrs, std::vector<MXTensor>* inputs,
       }
     }
 #ifdef BG_HAVE_AMX
-    if (amx) _tile_release();
+    if (kernel == kAmx) _tile_release();
 #endif
   }
   return MX_SUCCESS;
