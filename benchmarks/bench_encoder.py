@@ -22,6 +22,13 @@ median over ``--repeats`` runs in sequences per second:
   alternation: in one process with MXNet, torch ran 20-30 % slower than alone (two OpenMP
   runtimes), which would flatter us.
 
+``--task classifier`` times the sentence-pair classifier users fine-tune and evaluate instead
+(pooled ``[CLS]`` → Dense(2), the same weights in all three): ``bert_gluon.BERTClassifier``,
+whose last layer finishes only the ``[CLS]`` position; ``gluonnlp.model.BERTClassifier``;
+``transformers.BertForSequenceClassification``. The loss is then the mean squared score, and
+GFLOP/s still counts the whole encoder's work (what the other two do), so ours reads as an
+equivalent rate.
+
 ``infer`` is a forward pass in prediction mode; ``train`` is forward + backward + Adam
 update with dropout on, loss = mean of squared pooled output. ``GFLOP/s`` counts the
 matmul work of the padded batches (training = 3x forward) and is divided by the measured
@@ -34,7 +41,10 @@ inference + 2 training steps on the fixed128 batch); its peak RSS (``VmHWM``) is
 ``hybridize()`` / static_alloc+static_shape; oneDNN subgraph fusion (``backend="MKLDNN"``,
 inference); fused attention vs a plain ``batch_dot``
 attention (defined only here); MRPC batches padded to 128 vs bucketed; a training loop
-reading the loss every step (host sync) vs not.
+reading the loss every step (host sync) vs not; the classifier with its last layer on
+``[CLS]`` only vs on every position. ``--fast-paths NAME ...`` runs only those
+(``hybridization``, ``onednn``, ``attention``, ``mrpc_layout``, ``static_shape``,
+``host_sync``, ``classifier_first_token``).
 
 Results are printed as one table and written to ``benchmarks/results/encoder_<time>.json``.
 """
@@ -198,14 +208,15 @@ class Candidate:
 
 
 class MXNetCandidate(Candidate):
-    """Shared by ours and GluonNLP: both take ``(words, segments, valid_length)``
-    and return ``(sequence, pooled)``."""
+    """Shared by ours and GluonNLP: both take ``(words, segments, valid_length)`` and return
+    ``(sequence, pooled)`` (``scores`` alone for a classifier: ``classifier=True``)."""
 
-    def __init__(self, net, name: str, sync_every_step: bool = False):
+    def __init__(self, net, name: str, sync_every_step: bool = False, classifier: bool = False):
         import mxnet as mx
         from mxnet import gluon
 
         self.mx, self.net, self.name = mx, net, name
+        self.classifier = classifier
         self.sync_every_step = sync_every_step
         self.trainer = gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 1e-5})
         self.inputs: List[tuple] = []
@@ -214,6 +225,11 @@ class MXNetCandidate(Candidate):
         nd = self.mx.nd
         self.inputs = [(nd.array(w), nd.array(s), nd.array(v)) for w, s, v in batches]
 
+    def output(self, *inputs):
+        """The pooled output, or a classifier's scores."""
+        out = self.net(*inputs)
+        return out if self.classifier else out[1]
+
     def run(self, train):
         from mxnet import autograd
 
@@ -221,7 +237,7 @@ class MXNetCandidate(Candidate):
         for words, segments, valid in self.inputs:
             if train:
                 with autograd.record():
-                    _, pooled = self.net(words, segments, valid)
+                    pooled = self.output(words, segments, valid)
                     loss = (pooled * pooled).mean()
                 loss.backward()
                 self.trainer.step(1)
@@ -229,7 +245,7 @@ class MXNetCandidate(Candidate):
                 if self.sync_every_step:
                     loss.asscalar()
             else:
-                last = self.net(words, segments, valid)[1]
+                last = self.output(words, segments, valid)
         last.wait_to_read()
         self.mx.nd.waitall()
 
@@ -310,17 +326,20 @@ class TorchCandidate(Candidate):
     name = "torch"
 
     def __init__(self, cfg: BERTConfig, threads: int, hf_dir: Optional[str] = None,
-                 seed: int = 0):
+                 seed: int = 0, classifier: bool = False):
         """``hf_dir``: a folder written by :func:`bert_gluon.checkpoints.save_huggingface`
-        (our weights); without it the model is randomly initialized from ``cfg``."""
+        (our weights); without it the model is randomly initialized from ``cfg``.
+        ``classifier``: ``BertForSequenceClassification`` from ``hf_dir``, its logits as the
+        output."""
         import torch
-        from transformers import BertConfig, BertModel
+        from transformers import BertConfig, BertForSequenceClassification, BertModel
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        self.torch = torch
+        self.torch, self.classifier = torch, classifier
         if hf_dir:
-            self.model = BertModel.from_pretrained(hf_dir)
+            self.model = (BertForSequenceClassification if classifier
+                          else BertModel).from_pretrained(hf_dir)
             self.model.config.hidden_dropout_prob = cfg.dropout
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
             self.inputs = []
@@ -343,12 +362,16 @@ class TorchCandidate(Candidate):
             self.inputs.append((t.from_numpy(w.astype(np.int64)), t.from_numpy(s.astype(np.int64)),
                                 t.from_numpy(mask)))
 
+    def output(self, words, segments, mask):
+        """The pooled output, or the classifier's logits."""
+        out = self.model(input_ids=words, token_type_ids=segments, attention_mask=mask)
+        return out.logits if self.classifier else out.pooler_output
+
     def run(self, train):
         if train:
             self.model.train()
             for words, segments, mask in self.inputs:
-                out = self.model(input_ids=words, token_type_ids=segments, attention_mask=mask)
-                loss = (out.pooler_output ** 2).mean()
+                loss = (self.output(words, segments, mask) ** 2).mean()
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
@@ -367,12 +390,13 @@ class TorchProcess(Candidate):
 
     name = "torch"
 
-    def __init__(self, cfg, threads: int, hf_dir: str):
+    def __init__(self, cfg, threads: int, hf_dir: str, classifier: bool = False):
         self.tmp = tempfile.mkdtemp(prefix="bench-torch-")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--torch-worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-        self._call(cmd="init", config=cfg.to_dict(), threads=threads, hf_dir=hf_dir)
+        self._call(cmd="init", config=cfg.to_dict(), threads=threads, hf_dir=hf_dir,
+                   classifier=classifier)
 
     def _call(self, **msg):
         self.proc.stdin.write(json.dumps(msg) + "\n")
@@ -412,7 +436,8 @@ def torch_worker() -> None:
         try:
             if msg["cmd"] == "init":
                 cfg = types.SimpleNamespace(**msg["config"])
-                cand = TorchCandidate(cfg, msg["threads"], msg["hf_dir"])
+                cand = TorchCandidate(cfg, msg["threads"], msg["hf_dir"],
+                                      classifier=msg["classifier"])
             elif msg["cmd"] == "load":
                 z = np.load(msg["path"])
                 cand.load([tuple(z[f"{k}{i}"] for k in "wsv") for i in range(msg["n"])])
@@ -422,30 +447,67 @@ def torch_worker() -> None:
                 cand.model.eval()
                 w, s, m = cand.inputs[0]
                 with cand.torch.inference_mode():
-                    out = cand.model(input_ids=w, token_type_ids=s, attention_mask=m)
-                np.save(msg["path"], out.pooler_output.numpy())
+                    np.save(msg["path"], cand.output(w, s, m).numpy())
             reply = {"ok": True}
         except Exception as e:  # noqa: BLE001  (reported to the driving process)
             reply = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps(reply), flush=True)
 
 
-def same_weights_candidates(cfg: BERTConfig, vocab: str, threads: int) -> List[Candidate]:
+def ours_classifier(encoder_model, seed: int = 0):
+    """``bert_gluon.BERTClassifier`` (2 classes) with ``encoder_model``'s encoder and pooler
+    weights, hybridized as fine-tuning does."""
+    import mxnet as mx
+
+    mx.random.seed(seed)
+    clf = bert_gluon.BERTClassifier(encoder_model.config, num_classes=2)
+    clf.initialize(ctx=mx.cpu())
+    source = encoder_model._collect_params_with_prefix()
+    for name, p in clf._collect_params_with_prefix().items():
+        if name in source:
+            p.set_data(source[name].data())
+    clf.hybridize(static_alloc=True)
+    return clf
+
+
+def gluonnlp_classifier(bert, output_weight, output_bias, dropout: float):
+    """``gluonnlp.model.BERTClassifier`` around GluonNLP's ``bert`` with our output layer."""
+    import gluonnlp as nlp
+    import mxnet as mx
+
+    clf = nlp.model.BERTClassifier(bert, num_classes=2, dropout=dropout)
+    clf.classifier.initialize(ctx=mx.cpu())
+    clf.classifier[-1].weight.set_data(output_weight)
+    clf.classifier[-1].bias.set_data(output_bias)
+    clf.hybridize(static_alloc=True)
+    return clf
+
+
+def same_weights_candidates(cfg: BERTConfig, vocab: str, threads: int,
+                            task: str = "encoder") -> List[Candidate]:
     """Ours, GluonNLP and transformers holding the same (random) weights, copied through
-    :mod:`bert_gluon.checkpoints`."""
+    :mod:`bert_gluon.checkpoints`: the encoder with its pooler, or (``task="classifier"``) the
+    sentence-pair classifier."""
     from bert_gluon.checkpoints import save_gluonnlp, save_huggingface
     from bert_gluon.tokenization import Tokenizer
 
     ours = ours_model(cfg)
+    classifier = task == "classifier"
     with tempfile.TemporaryDirectory() as tmp:
         gnlp = gluonnlp_model(cfg, save_gluonnlp(ours, os.path.join(tmp, "gluonnlp.params")))
+        if classifier:
+            ours = ours_classifier(ours)
+            gnlp = gluonnlp_classifier(gnlp, ours.output.weight.data(), ours.output.bias.data(),
+                                       cfg.dropout)
         save_huggingface(ours, Tokenizer.from_file(vocab), os.path.join(tmp, "hf"))
-        torch_cand = TorchProcess(cfg, threads, os.path.join(tmp, "hf"))
-    return [MXNetCandidate(ours, "ours"), MXNetCandidate(gnlp, "gluonnlp"), torch_cand]
+        torch_cand = TorchProcess(cfg, threads, os.path.join(tmp, "hf"), classifier=classifier)
+    return [MXNetCandidate(ours, "ours", classifier=classifier),
+            MXNetCandidate(gnlp, "gluonnlp", classifier=classifier), torch_cand]
 
 
 def check_same_outputs(cands: Sequence[Candidate], batches: Sequence[Batch]) -> Dict[str, float]:
-    """Max |pooled output - ours| of each candidate in prediction mode (proves equal weights)."""
+    """Max |pooled output (or scores) - ours| of each candidate in prediction mode (proves
+    equal weights)."""
     words, segments, valid = batches[0]
     pooled = {}
     for c in cands:
@@ -454,7 +516,7 @@ def check_same_outputs(cands: Sequence[Candidate], batches: Sequence[Batch]) -> 
             pooled[c.name] = c.pooled()
         else:
             c.load(batches)
-            pooled[c.name] = c.net(*c.inputs[0])[1].asnumpy()
+            pooled[c.name] = c.output(*c.inputs[0]).asnumpy()
     return {k: float(np.abs(v - pooled["ours"]).max()) for k, v in pooled.items() if k != "ours"}
 
 
@@ -542,6 +604,7 @@ def run_benchmark(args) -> Dict:
                     "physical_cores": bert_gluon.runtime.physical_cores(),
                     "load_avg_at_start": os.getloadavg()},
         "omp_num_threads": threads, "mxnet": mx.__version__, "repeats": args.repeats,
+        "task": args.task,
         "rss_method": "each candidate alone in a fresh subprocess (imports + model + 2 "
                       "inference + 2 training steps at batch x length), VmHWM of that process",
         "rows": [], "fast_paths": [],
@@ -564,7 +627,8 @@ def run_benchmark(args) -> Dict:
 
     mrpc = {}
     if "mrpc" in args.workloads:
-        layouts = ("bucketed", "batch_max", "pad128") if args.fast_paths else ("bucketed",)
+        layouts = (("bucketed", "batch_max", "pad128") if args.fast_paths is not None
+                   and "mrpc_layout" in (args.fast_paths or FAST_PATHS) else ("bucketed",))
         mrpc = {lay: mrpc_batches(args.mrpc_examples, args.batch_size, lay, args.vocab,
                                   args.mrpc_dir) for lay in layouts}
         valid = np.concatenate([b[2] for b in mrpc["bucketed"]])
@@ -575,7 +639,7 @@ def run_benchmark(args) -> Dict:
 
     for shape in args.shapes:
         cfg = BERTConfig.preset(shape)
-        cands = same_weights_candidates(cfg, args.vocab, threads)
+        cands = same_weights_candidates(cfg, args.vocab, threads, args.task)
         result.setdefault("same_weights_max_abs_diff", {})[shape] = check_same_outputs(
             cands, fixed_batch(4, 16, cfg.vocab_size, seed=1))
         for c in cands:
@@ -593,7 +657,8 @@ def run_benchmark(args) -> Dict:
             for mode in args.modes:
                 train = mode == "train"
                 times = time_alternating(cands, batches, train, args.repeats)
-                row = {"shape": shape, "workload": wname, "mode": mode, "sequences": nseq,
+                row = {"shape": shape, "task": args.task, "workload": wname, "mode": mode,
+                       "sequences": nseq,
                        "padded_lengths": [int(b[0].shape[1]) for b in batches]}
                 for name, ts in times.items():
                     med = statistics.median(ts)
@@ -610,7 +675,7 @@ def run_benchmark(args) -> Dict:
             if isinstance(c, TorchProcess):
                 c.close()
         del cands
-        if args.fast_paths:
+        if args.fast_paths is not None:
             result["fast_paths"] += fast_paths(cfg, shape, args, mrpc)
         if args.rss:
             result.setdefault("peak_rss", {})[shape] = measure_rss(
@@ -621,10 +686,15 @@ def run_benchmark(args) -> Dict:
     return result
 
 
+FAST_PATHS = ("hybridization", "onednn", "attention", "mrpc_layout", "static_shape",
+              "host_sync", "classifier_first_token")
+
+
 def fast_paths(cfg: BERTConfig, shape: str, args, mrpc: Dict[str, List[Batch]]) -> List[Dict]:
     """Before/after of each fast path of our model, alternating within each comparison."""
     rows = []
     fixed = fixed_batch(args.batch_size, args.length, cfg.vocab_size)
+    wanted = set(args.fast_paths or FAST_PATHS)
 
     def compare(title, cands, batches, train):
         times = time_alternating(cands, batches, train, args.repeats)
@@ -637,28 +707,43 @@ def fast_paths(cfg: BERTConfig, shape: str, args, mrpc: Dict[str, List[Batch]]) 
             f"{k} {v:8.2f}" for k, v in row["seq_per_s"].items()), flush=True)
 
     for train in (False, True):
-        compare("hybridization", [MXNetCandidate(ours_model(cfg, "none"), "imperative"),
-                                  MXNetCandidate(ours_model(cfg, "plain"), "hybridize()"),
-                                  MXNetCandidate(ours_model(cfg, "static"), "static")],
-                fixed, train)
-        if not train:
+        if "hybridization" in wanted:
+            compare("hybridization", [MXNetCandidate(ours_model(cfg, "none"), "imperative"),
+                                      MXNetCandidate(ours_model(cfg, "plain"), "hybridize()"),
+                                      MXNetCandidate(ours_model(cfg, "static"), "static")],
+                    fixed, train)
+        if "onednn" in wanted and not train:
             compare("oneDNN subgraph fusion", [MXNetCandidate(ours_model(cfg), "static"),
                                                MXNetCandidate(ours_model(cfg, "onednn"),
                                                               "static+MKLDNN backend")],
                     fixed, train)
-        compare("attention", [MXNetCandidate(ours_model(cfg, fused=False), "batch_dot"),
-                              MXNetCandidate(ours_model(cfg), "fused")], fixed, train)
-        if mrpc:
+        if "attention" in wanted:
+            compare("attention", [MXNetCandidate(ours_model(cfg, fused=False), "batch_dot"),
+                                  MXNetCandidate(ours_model(cfg), "fused")], fixed, train)
+        if mrpc and "mrpc_layout" in wanted:
             net = ours_model(cfg)
             for title, lay in (("mrpc padded to 128", "pad128"),
                                ("mrpc random batches, batch max", "batch_max"),
                                ("mrpc bucketed", "bucketed")):
                 compare(title, [MXNetCandidate(net, "ours")], mrpc[lay], train)
-    if mrpc:
+        if "classifier_first_token" in wanted:
+            base = ours_model(cfg)
+            every = ours_classifier(base)
+            last = every.encoder.blocks[-1]      # before the first call builds the graph
+            last.first_token_only = last.attention.first_query_only = False
+            cands = [MXNetCandidate(every, "last layer on every token", classifier=True),
+                     MXNetCandidate(ours_classifier(base), "last layer on [CLS] only",
+                                    classifier=True)]
+            for title, batches in (("classifier, fixed", fixed),
+                                   ("classifier, mrpc bucketed", mrpc.get("bucketed"))):
+                if batches:
+                    compare(title, cands, batches, train)
+    if mrpc and "static_shape" in wanted:
         for train in (False, True):     # static_shape re-plans memory whenever a shape changes
             compare("static_shape, bucketed mrpc", [
                 MXNetCandidate(ours_model(cfg, "static"), "static_alloc+static_shape"),
                 MXNetCandidate(ours_model(cfg, "alloc"), "static_alloc")], mrpc["bucketed"], train)
+    if mrpc and "host_sync" in wanted:
         net = ours_model(cfg)
         compare("host sync per step (mrpc)",
                 [MXNetCandidate(net, "loss.asscalar() each step", sync_every_step=True),
@@ -713,6 +798,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     p.add_argument("--candidates", nargs="+", default=["ours", "gluonnlp", "torch"],
                    choices=["ours", "gluonnlp", "torch"])
+    p.add_argument("--task", default="encoder", choices=["encoder", "classifier"],
+                   help="the encoder with its pooler (BertModel), or the sentence-pair "
+                        "classifier on top (pooled [CLS] -> Dense(2))")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
@@ -722,7 +810,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "../shared/data/mrpc)")
     p.add_argument("--vocab", default=os.environ.get("BERT_VOCAB") or os.path.join(
         ROOT, "..", "shared", "data", "vocab", "bert-base-uncased-vocab.txt"))
-    p.add_argument("--fast-paths", action="store_true", help="also time our fast paths on/off")
+    p.add_argument("--fast-paths", nargs="*", default=None, choices=FAST_PATHS,
+                   help="also time our fast paths on/off (all, or those named)")
     p.add_argument("--no-rss", dest="rss", action="store_false")
     p.add_argument("--no-thread-check", dest="thread_check", action="store_false",
                    help="skip the with/without `import bert_gluon` matmul comparison")

@@ -70,17 +70,23 @@ class MultiHeadAttention(OptionalArgsBlock):
         A = softmax(Q K^T / sqrt(d))       (keys beyond valid_length masked out)
         out = concat_h(dropout(A) V) W_o + b_o
 
+    With ``first_query_only=True`` only the first position's output is returned,
+    ``(1, batch, units)``: every key and value still counts, the output projection runs on one
+    position instead of ``seq_len``.
+
     The query/key/value weights are stored separately (so checkpoints map one to one)
     and interleaved per head on the fly into one projection, which lets MXNet's fused
     operators compute all heads' scores and contexts in single batched GEMMs.
     """
 
     def __init__(self, units: int, num_heads: int, dropout: float = 0.0,
-                 weight_initializer: Optional[mx.init.Initializer] = None, **kwargs):
+                 weight_initializer: Optional[mx.init.Initializer] = None,
+                 first_query_only: bool = False, **kwargs):
         super().__init__(**kwargs)
         if units % num_heads:
             raise ValueError(f"units ({units}) must be divisible by num_heads ({num_heads})")
         self.units, self.num_heads = units, num_heads
+        self.first_query_only = first_query_only
         init = weight_initializer or _normal(0.02)
         with self.name_scope():
             for name in ("query", "key", "value"):
@@ -105,6 +111,8 @@ class MultiHeadAttention(OptionalArgsBlock):
             context = self._fused_attention(F, X, qkv, valid_length)
         else:
             context = self._attention(F, X, qkv, valid_length)
+        if self.first_query_only:         # only position 0 is wanted: (1, B, units)
+            context = F.slice_axis(context, axis=0, begin=0, end=1)
         return self.proj(context)                                           # (T, B, units)
 
     def _attention(self, F, X, qkv, valid_length):
@@ -202,20 +210,30 @@ class EncoderBlock(OptionalArgsBlock):
 
         Y = AddNorm(X, MultiHeadAttention(X))
         Z = AddNorm(Y, PositionWiseFFN(Y))
+
+    ``first_token_only=True`` returns only ``Z[0]``, ``(1, batch, units)``, computed from all
+    positions' keys and values but with the residuals and the feed-forward network on position
+    0 alone: all a classifier reads from the last layer, for about a quarter of its work.
     """
 
     def __init__(self, units: int, hidden_size: int, num_heads: int, dropout: float = 0.0,
                  attention_dropout: Optional[float] = None, layer_norm_eps: float = 1e-12,
-                 weight_initializer: Optional[mx.init.Initializer] = None, **kwargs):
+                 weight_initializer: Optional[mx.init.Initializer] = None,
+                 first_token_only: bool = False, **kwargs):
         super().__init__(**kwargs)
         attention_dropout = dropout if attention_dropout is None else attention_dropout
+        self.first_token_only = first_token_only
         with self.name_scope():
             self.attention = MultiHeadAttention(units, num_heads, attention_dropout,
-                                                weight_initializer=weight_initializer)
+                                                weight_initializer=weight_initializer,
+                                                first_query_only=first_token_only)
             self.addnorm1 = AddNorm(units, dropout, layer_norm_eps)
             self.ffn = PositionWiseFFN(units, hidden_size, weight_initializer=weight_initializer)
             self.addnorm2 = AddNorm(units, dropout, layer_norm_eps)
 
     def hybrid_forward(self, F, X, valid_length=None):
-        Y = self.addnorm1(X, self.attention(X, valid_length))
+        A = self.attention(X, valid_length)
+        if self.first_token_only:
+            X = F.slice_axis(X, axis=0, begin=0, end=1)
+        Y = self.addnorm1(X, A)
         return self.addnorm2(Y, self.ffn(Y))

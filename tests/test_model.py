@@ -61,6 +61,52 @@ def test_encoder_matches_numpy_reference(ctx):
     np.testing.assert_allclose(pooled.asnumpy(), ref_pooled, rtol=1e-4, atol=1e-4)
 
 
+def test_classifier_matches_numpy_reference_of_the_full_encoder(ctx):
+    """The classifier's last layer finishes only [CLS]; its scores are those of the whole
+    encoder's first token (NumPy reference over every position), pooled, then Dense."""
+    model = init_nontrivial(BERTClassifier(CFG, num_classes=3), ctx)
+    assert [b.first_token_only for b in model.encoder.blocks] == [False, True]
+    words, segments = _batch(ctx)
+    vl = nd.array([9, 4, 6], ctx=ctx)
+    p = numpy_params(model)
+    ref = np_bert_encoder(words.asnumpy().astype(int), segments.asnumpy().astype(int), p,
+                          CFG.num_layers, CFG.num_heads, vl.asnumpy())
+    pooled = np.tanh(ref[:, 0] @ p["pooler.dense.weight"].T + p["pooler.dense.bias"])
+    ref_scores = pooled @ p["output.weight"].T + p["output.bias"]
+    assert model.encoder(words, segments, vl).shape == (3, 1, 16)
+    for hybrid in (False, True):
+        if hybrid:
+            model.hybridize(static_alloc=True)
+        np.testing.assert_allclose(model(words, segments, vl).asnumpy(), ref_scores,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_first_token_only_encoder_equals_the_full_one_with_gradients(ctx):
+    full = init_nontrivial(BERTEncoder.from_config(CFG), ctx)
+    first = BERTEncoder.from_config(CFG, first_token_only=True)
+    first.initialize(ctx=ctx)
+    for (n1, a), (n2, b) in zip(sorted(full._collect_params_with_prefix().items()),
+                                sorted(first._collect_params_with_prefix().items())):
+        assert n1 == n2
+        b.set_data(a.data())
+    words, segments = _batch(ctx, B=4, T=11, seed=8)
+    vl = nd.array([11, 3, 7, 1], ctx=ctx)
+    outs, grads = [], []
+    for enc in (full, first):
+        enc.hybridize()
+        with autograd.record(train_mode=False):     # dropout off: the same function
+            out = enc(words, segments, vl)[:, 0:1]
+            loss = (out * nd.arange(16, ctx=ctx)).sum()
+        loss.backward()
+        outs.append(out.asnumpy())
+        grads.append({n: p.grad(ctx).asnumpy()
+                      for n, p in sorted(enc._collect_params_with_prefix().items())})
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert outs[1].shape == (4, 1, 16)
+    for n in grads[0]:
+        np.testing.assert_allclose(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5, err_msg=n)
+
+
 def test_mlm_decoder_gathers_the_right_positions(ctx):
     dec = init_nontrivial(MLMDecoder(50, 16), ctx)
     X = nd.array(np.random.RandomState(1).randn(2, 6, 16), ctx=ctx)
