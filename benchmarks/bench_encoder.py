@@ -627,8 +627,8 @@ def run_benchmark(args) -> Dict:
 
     mrpc = {}
     if "mrpc" in args.workloads:
-        layouts = (("bucketed", "batch_max", "pad128") if args.fast_paths is not None
-                   and "mrpc_layout" in (args.fast_paths or FAST_PATHS) else ("bucketed",))
+        layouts = (("bucketed", "batch_max", "pad128") if "mrpc_layout" in fast_path_names(args)
+                   else ("bucketed",))
         mrpc = {lay: mrpc_batches(args.mrpc_examples, args.batch_size, lay, args.vocab,
                                   args.mrpc_dir) for lay in layouts}
         valid = np.concatenate([b[2] for b in mrpc["bucketed"]])
@@ -675,7 +675,7 @@ def run_benchmark(args) -> Dict:
             if isinstance(c, TorchProcess):
                 c.close()
         del cands
-        if args.fast_paths is not None:
+        if fast_path_names(args):
             result["fast_paths"] += fast_paths(cfg, shape, args, mrpc)
         if args.rss:
             result.setdefault("peak_rss", {})[shape] = measure_rss(
@@ -690,11 +690,16 @@ FAST_PATHS = ("hybridization", "onednn", "attention", "mrpc_layout", "static_sha
               "host_sync", "classifier_first_token")
 
 
+def fast_path_names(args) -> set:
+    """The fast paths ``--fast-paths`` asks for: none without it, all when it names none."""
+    return set() if args.fast_paths is None else set(args.fast_paths or FAST_PATHS)
+
+
 def fast_paths(cfg: BERTConfig, shape: str, args, mrpc: Dict[str, List[Batch]]) -> List[Dict]:
     """Before/after of each fast path of our model, alternating within each comparison."""
     rows = []
     fixed = fixed_batch(args.batch_size, args.length, cfg.vocab_size)
-    wanted = set(args.fast_paths or FAST_PATHS)
+    wanted = fast_path_names(args)
 
     def compare(title, cands, batches, train):
         times = time_alternating(cands, batches, train, args.repeats)
