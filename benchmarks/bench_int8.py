@@ -4,9 +4,9 @@
 
 1. Load the fine-tuned checkpoint (``bert-gluon finetune`` writes ``<output_dir>/best``).
 2. Quantize it with each of ``--backends`` (:func:`bert_gluon.quantization.quantize_checkpoint_model`):
-   ``bert_gluon`` (AMX tiles, no calibration) and ``onednn`` (calibrated on
+   ``bert_gluon`` (AMX tiles or AVX-512 VNNI, no calibration) and ``onednn`` (calibrated on
    ``--calib-examples`` random training pairs: the package's transform + bucketed loader).
-   Default: both where the CPU has AMX INT8, else onednn.
+   Default: both where the CPU has AMX INT8 or AVX-512 VNNI, else onednn.
 3. Score the dev set with every model through :func:`bert_gluon.finetuning.predict_scores`
    (the same bucketed batches ``bert-gluon evaluate`` uses): accuracy and F1.
 4. Time them, alternating in one process, median of ``--repeats`` passes: over the dev set
@@ -106,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from bert_gluon.data import BERTDatasetTransform, load_task, transform_examples
     from bert_gluon.fileio import write_json
     from bert_gluon.finetuning import classification_metrics, predict_scores
-    from bert_gluon.quantization import amx_int8_available, quantize_checkpoint_model
+    from bert_gluon.quantization import fast_int8_kernel, quantize_checkpoint_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None,
@@ -114,8 +114,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     p.add_argument("--task", default=None, help="task of the dev set (default: the checkpoint's)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--backends", nargs="+", choices=["bert_gluon", "onednn"],
-                   default=["bert_gluon", "onednn"] if amx_int8_available() else ["onednn"],
-                   help="INT8 backends to measure (default: both where the CPU has AMX INT8)")
+                   default=["bert_gluon", "onednn"] if fast_int8_kernel() else ["onednn"],
+                   help="INT8 backends to measure (default: both where the CPU has AMX INT8 "
+                        "or AVX-512 VNNI)")
     p.add_argument("--calib-examples", type=int, default=320, help="onednn calibration pairs")
     p.add_argument("--calib-mode", default="naive", choices=["naive", "entropy"])
     p.add_argument("--granularity", default="tensor-wise", choices=["tensor-wise", "channel-wise"],

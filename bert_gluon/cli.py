@@ -125,9 +125,9 @@ def _add_finetuning_commands(sub) -> None:
 def _add_int8_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="INT8 inference on CPU")
     p.add_argument("--int8-backend", default="auto", choices=["auto", "bert_gluon", "onednn"],
-                   help="bert_gluon: AMX INT8 tiles, no calibration; onednn: MXNet's oneDNN, "
-                   "calibrated on 320 training examples; auto (default): bert_gluon where "
-                   "the CPU has AMX")
+                   help="bert_gluon: bert_gluon's INT8 operator (AMX tiles or AVX-512 VNNI), no "
+                   "calibration; onednn: MXNet's oneDNN, calibrated on 320 training examples; "
+                   "auto (default): bert_gluon where the CPU has AMX or VNNI, else onednn")
     p.add_argument("--calib-file", help="training TSV/CSV to calibrate --int8-backend onednn "
                    "on (default: the checkpoint's task)")
 

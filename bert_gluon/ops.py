@@ -10,8 +10,8 @@
 - ``bg_softmax_ce`` (``csrc/softmax_ce.cc``): softmax cross-entropy per row, for the masked-LM
   loss over the 30522-token vocabulary, whose ``log_softmax`` backward is slow in MXNet 1.9.1.
 - ``bg_int8_dense`` (``csrc/int8_dense.cc``): an INT8 dense layer for inference, on the CPU's
-  AMX tiles where it has them, with on-the-fly activation scales and fused GELU: see
-  :mod:`bert_gluon.quantization` (MXNet 1.9.1's oneDNN never reaches AMX).
+  AMX tiles or with AVX-512 VNNI where it has them, with on-the-fly activation scales and
+  fused GELU: see :mod:`bert_gluon.quantization` (MXNet 1.9.1's oneDNN never reaches AMX).
 
 Each is tested against MXNet's own operators (``tests/test_ops.py``; ``bg_int8_dense``
 against an integer reference in NumPy, ``tests/test_quantization.py``), and the blocks in

@@ -6,7 +6,8 @@ integers; everything else (embeddings, attention core, LayerNorm, pooler, classi
 float32. ``quantize_classifier(model, backend="auto")`` picks the first that runs fast here:
 
 - ``"bert_gluon"`` (:func:`quantize_dense_layers`): bert_gluon's compiled ``bg_int8_dense``
-  (``csrc/int8_dense.cc``) on the CPU's AMX tiles (Intel Sapphire Rapids and later). Weights
+  (``csrc/int8_dense.cc``) on the CPU's AMX tiles (Intel Sapphire Rapids and later) or its
+  AVX-512 VNNI instructions (Intel Cascade Lake and later, AMD Zen 4 and later). Weights
   get one int8 scale per output unit, activations one per token row, computed on the fly,
   so there is nothing to calibrate; the GELU after the first feed-forward layer is fused in::
 
@@ -38,7 +39,7 @@ import numpy as np
 from mxnet.base import NDArrayHandle, py_str
 
 __all__ = ["quantize_classifier", "quantize_checkpoint_model", "quantize_dense_layers",
-           "pack_int8_weight", "amx_int8_available", "int8_kernel", "resolve_backend",
+           "pack_int8_weight", "fast_int8_kernel", "int8_kernel", "resolve_backend",
            "CalibrationCollector"]
 
 BACKENDS = ("auto", "bert_gluon", "onednn")
@@ -136,11 +137,11 @@ def pack_int8_weight(weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 def resolve_backend(backend: str = "auto") -> str:
     """``"bert_gluon"`` or ``"onednn"`` for ``backend`` (``"auto"``: bert_gluon's operator
-    where the CPU has AMX INT8 tiles, else MXNet's oneDNN quantization)."""
+    where the CPU has AMX INT8 tiles or AVX-512 VNNI, else MXNet's oneDNN quantization)."""
     if backend not in BACKENDS:
         raise ValueError(f"INT8 backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "bert_gluon" if amx_int8_available() else "onednn"
+        return "bert_gluon" if fast_int8_kernel() else "onednn"
     return backend
 
 
@@ -163,10 +164,10 @@ def int8_kernel() -> Optional[str]:
     return best
 
 
-def amx_int8_available() -> bool:
-    """Whether :func:`quantize_dense_layers` runs on AMX tiles here (the ``"auto"`` backend
-    picks it then; with AVX-512 VNNI alone MXNet's oneDNN INT8 is as fast)."""
-    return int8_kernel() == "amx"
+def fast_int8_kernel() -> bool:
+    """Whether :func:`quantize_dense_layers` runs here on AMX tiles or AVX-512 VNNI (the
+    ``"auto"`` backend picks it then; its portable kernel is slower than fp32)."""
+    return int8_kernel() in ("amx", "vnni")
 
 
 def _constant(sym: mx.sym.Symbol, entry, nodes, params: Dict[str, mx.nd.NDArray]):
@@ -192,7 +193,7 @@ def quantize_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int = 3,
     scale per token row, so there is nothing to calibrate. Embeddings, attention core,
     LayerNorm, pooler and classifier stay float32.
 
-    The sums run on AMX tiles where the CPU has them (:func:`amx_int8_available`); the
+    The sums run on AMX tiles or AVX-512 VNNI where the CPU has them (:func:`int8_kernel`); the
     returned block needs bert_gluon's compiled operators, like the fp32 model on CPU.
 
     Args:

@@ -278,7 +278,7 @@ def test_bert_gluon_int8_graph_replaces_every_encoder_dense_layer(bg_models):
 def test_auto_backend_follows_the_cpu(monkeypatch):
     from bert_gluon import quantization
 
-    monkeypatch.setattr(quantization, "amx_int8_available", lambda: True)
+    monkeypatch.setattr(quantization, "fast_int8_kernel", lambda: True)
     assert resolve_backend() == "bert_gluon"
-    monkeypatch.setattr(quantization, "amx_int8_available", lambda: False)
+    monkeypatch.setattr(quantization, "fast_int8_kernel", lambda: False)
     assert resolve_backend("auto") == "onednn" and resolve_backend("bert_gluon") == "bert_gluon"

@@ -15,7 +15,8 @@
 // nodes. Why: MXNet 1.9.1's oneDNN never reaches AMX for BERT's layer sizes (it hands oneDNN
 // plain row-major weights), and its INT8 graph spends as long converting between int8 and
 // float32 as multiplying. Without AMX (or when Linux refuses to grant tile state) AVX-512 VNNI
-// (VPDPBUSD) computes the same int32 sums, exactly, and without either a plain loop does, slowly.
+// (VPDPBUSD, on activations packed in panels) computes the same int32 sums, exactly, and
+// without either a plain loop does, slowly.
 // BERT_GLUON_INT8_KERNEL=vnni or =plain picks a slower kernel than the best one.
 //
 // Packed weight layout, for Np = N rounded up to 32 and Kp = K rounded up to 64 (zeros pad):
@@ -151,40 +152,75 @@ inline void block_amx(const int8_t* a, const int8_t* bp, int64_t Kp, int32_t* c 
 
 #ifdef BG_HAVE_VNNI
 // AVX-512 VNNI: VPDPBUSD multiplies unsigned bytes by signed ones, so the rows come as
-// u = q + 128 (quantize_row_u8) and 128 * (sum of each unit's weights) is taken off after.
-// The packed B-tile rows are VNNI's layout already: 64 bytes = 16 units x 4 values of K.
-inline void block_vnni(const uint8_t* a, const int8_t* bp, int64_t Kp, const int32_t* wsum128,
-                       int32_t* c /*32x32*/) {
-  const int64_t KB = Kp / KBLK;
+// u = q + 128 and 128 * (sum of each unit's weights) is taken off after. The packed B-tile
+// rows are VNNI's layout already (64 bytes = 16 units x 4 values of K); the activations are
+// packed too, per 32-row block as [Kp / 4][32 rows][4] (pack_rows_vnni), so that every
+// broadcast of a row's four bytes is at a constant offset from one pointer and the 16
+// accumulators (8 rows x 2 x 16 units) stay in registers.
+// acc += u8 x s8, four products per int32 lane. In asm: with the intrinsic GCC 12 copies every
+// accumulator after each VPDPBUSD and spills some of them to the stack inside the loop.
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+__attribute__((noinline)) void block_vnni(const uint8_t* a /*[Kp/4][32][4]*/, const int8_t* bp,
+                                          int64_t Kp, const int32_t* wsum128,
+                                          int32_t* c /*32x32*/) {
+  const int64_t KG = Kp / 4;
   const int8_t* b0 = bp;
-  const int8_t* b1 = bp + KB * 1024;
-  constexpr int R = 8;                            // rows per pass: 16 accumulators
-  for (int m0 = 0; m0 < MBLK; m0 += R) {
-    __m512i acc0[R], acc1[R];
-    for (int i = 0; i < R; ++i) {
-      acc0[i] = _mm512_setzero_si512();
-      acc1[i] = _mm512_setzero_si512();
-    }
-    const uint8_t* ar = a + m0 * Kp;
-    for (int64_t kb = 0; kb < KB; ++kb) {
-      for (int r = 0; r < 16; ++r) {
-        const __m512i w0 = _mm512_loadu_si512(b0 + kb * 1024 + r * 64);
-        const __m512i w1 = _mm512_loadu_si512(b1 + kb * 1024 + r * 64);
-        const int64_t k = kb * KBLK + 4 * r;
-        for (int i = 0; i < R; ++i) {
-          int32_t four;
-          std::memcpy(&four, ar + i * Kp + k, 4);
-          const __m512i x = _mm512_set1_epi32(four);
-          acc0[i] = _mm512_dpbusd_epi32(acc0[i], x, w0);
-          acc1[i] = _mm512_dpbusd_epi32(acc1[i], x, w1);
-        }
+  const int8_t* b1 = bp + KG * 64;
+  const __m512i s0 = _mm512_loadu_si512(wsum128), s1 = _mm512_loadu_si512(wsum128 + 16);
+  for (int m0 = 0; m0 < MBLK; m0 += 8) {                 // 8 rows x 32 units per pass
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00,
+            c21 = c00, c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00,
+            c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+    const uint8_t* p = a + m0 * 4;
+    for (int64_t g = 0; g < KG; ++g, p += MBLK * 4) {
+      const __m512i w0 = _mm512_loadu_si512(b0 + g * 64);
+      const __m512i w1 = _mm512_loadu_si512(b1 + g * 64);
+#define BG_VNNI_ROW(i)                                                              \
+      {                                                                             \
+        int32_t four;                                                               \
+        std::memcpy(&four, p + 4 * i, 4);                                           \
+        const __m512i x = _mm512_set1_epi32(four);                                  \
+        c##i##0 = dpbusd(c##i##0, x, w0);                                            \
+        c##i##1 = dpbusd(c##i##1, x, w1);                                            \
       }
+      BG_VNNI_ROW(0) BG_VNNI_ROW(1) BG_VNNI_ROW(2) BG_VNNI_ROW(3)
+      BG_VNNI_ROW(4) BG_VNNI_ROW(5) BG_VNNI_ROW(6) BG_VNNI_ROW(7)
+#undef BG_VNNI_ROW
     }
-    const __m512i s0 = _mm512_loadu_si512(wsum128), s1 = _mm512_loadu_si512(wsum128 + 16);
-    for (int i = 0; i < R; ++i) {
-      _mm512_storeu_si512(c + (m0 + i) * NBLK, _mm512_sub_epi32(acc0[i], s0));
-      _mm512_storeu_si512(c + (m0 + i) * NBLK + 16, _mm512_sub_epi32(acc1[i], s1));
-    }
+    int32_t* cr = c + m0 * NBLK;
+#define BG_VNNI_STORE(i)                                                            \
+    _mm512_storeu_si512(cr + i * NBLK, _mm512_sub_epi32(c##i##0, s0));              \
+    _mm512_storeu_si512(cr + i * NBLK + 16, _mm512_sub_epi32(c##i##1, s1));
+    BG_VNNI_STORE(0) BG_VNNI_STORE(1) BG_VNNI_STORE(2) BG_VNNI_STORE(3)
+    BG_VNNI_STORE(4) BG_VNNI_STORE(5) BG_VNNI_STORE(6) BG_VNNI_STORE(7)
+#undef BG_VNNI_STORE
+  }
+}
+
+// 128 x the sum of each unit's int8 weights, 16 units at a time: VPDPBUSD with bytes of 1
+inline void weight_sums_vnni(const int8_t* w, int64_t Kp, int64_t Np, int32_t* wsum128) {
+  const int64_t KG = Kp / 4;
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t nb = 0; nb < Np / 16; ++nb) {
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t g = 0; g < KG; ++g)
+      s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(w + (nb * KG + g) * 64));
+    _mm512_storeu_si512(wsum128 + nb * 16, _mm512_slli_epi32(s, 7));
+  }
+}
+
+// row m's u = q + 128 into its 32-row block's [Kp / 4][32][4] panel
+inline void pack_row_vnni(const int8_t* q, int64_t Kp, int64_t m, uint8_t* panels) {
+  uint8_t* dst = panels + (m / MBLK) * MBLK * Kp + (m % MBLK) * 4;
+  for (int64_t g = 0; g < Kp / 4; ++g) {
+    uint32_t four;
+    std::memcpy(&four, q + 4 * g, 4);
+    four ^= 0x80808080u;                               // + 128 in each byte
+    std::memcpy(dst + g * (MBLK * 4), &four, 4);
   }
 }
 #endif
@@ -241,31 +277,26 @@ MXReturnValue forward(const bg::Attrs& attrs, std::vector<MXTensor>* inputs,
   const int64_t KB = s.Kp / KBLK;
 #pragma omp parallel
   {
-    const uint8_t shift = kernel == kVnni ? 128 : 0;     // VNNI takes unsigned activations
+    std::vector<int8_t> scratch(kernel == kVnni ? s.Kp : 0);   // one row before packing
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < Mp; ++m) {
+      int8_t* dst = kernel == kVnni ? scratch.data() : q + m * s.Kp;
       if (m < s.M) {
-        xscale[m] = quantize_row(x + m * s.K, s.K, s.Kp, q + m * s.Kp);
-        if (shift) {
-          uint8_t* u = reinterpret_cast<uint8_t*>(q + m * s.Kp);
-          for (int64_t k = 0; k < s.Kp; ++k) u[k] = static_cast<uint8_t>(u[k] + shift);
-        }
+        xscale[m] = quantize_row(x + m * s.K, s.K, s.Kp, dst);
       } else {
-        std::memset(q + m * s.Kp, 0, s.Kp);
+        std::memset(dst, 0, s.Kp);
         xscale[m] = 0.f;
       }
+#ifdef BG_HAVE_VNNI
+      if (kernel == kVnni) pack_row_vnni(dst, s.Kp, m, reinterpret_cast<uint8_t*>(q));
+#endif
     }
-    if (kernel == kVnni) {                              // 128 x each unit's weight sum
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < s.Np; ++n) {
-        const int8_t* b = w + (n / 16) * KB * 1024 + (n % 16) * 4;
-        int32_t sum = 0;
-        for (int64_t kb = 0; kb < KB; ++kb)
-          for (int r = 0; r < 16; ++r)
-            for (int j = 0; j < 4; ++j) sum += b[kb * 1024 + r * 64 + j];
-        wsum128[n] = 128 * sum;
-      }
+#ifdef BG_HAVE_VNNI
+    if (kernel == kVnni) {
+#pragma omp single
+      weight_sums_vnni(w, s.Kp, s.Np, wsum128);
     }
+#endif
 #ifdef BG_HAVE_AMX
     if (kernel == kAmx) configure_tiles();
 #endif
