@@ -151,12 +151,6 @@ inline void block_amx(const int8_t* a, const int8_t* bp, int64_t Kp, int32_t* c 
 #endif
 
 #ifdef BG_HAVE_VNNI
-// AVX-512 VNNI: VPDPBUSD multiplies unsigned bytes by signed ones, so the rows come as
-// u = q + 128 and 128 * (sum of each unit's weights) is taken off after. The packed B-tile
-// rows are VNNI's layout already (64 bytes = 16 units x 4 values of K); the activations are
-// packed too, per 32-row block as [Kp / 4][32 rows][4] (pack_rows_vnni), so that every
-// broadcast of a row's four bytes is at a constant offset from one pointer and the 16
-// accumulators (8 rows x 2 x 16 units) stay in registers.
 // acc += u8 x s8, four products per int32 lane. In asm: with the intrinsic GCC 12 copies every
 // accumulator after each VPDPBUSD and spills some of them to the stack inside the loop.
 inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
@@ -164,6 +158,12 @@ inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
   return acc;
 }
 
+// AVX-512 VNNI: VPDPBUSD multiplies unsigned bytes by signed ones, so the rows come as
+// u = q + 128 and 128 * (sum of each unit's weights) is taken off after. The packed B-tile
+// rows are VNNI's layout already (64 bytes = 16 units x 4 values of K); the activations are
+// packed too, per 32-row block as [Kp / 4][32 rows][4] (pack_row_vnni), so that every
+// broadcast of a row's four bytes is at a constant offset from one pointer and the 16
+// accumulators (8 rows x 2 x 16 units) stay in registers.
 __attribute__((noinline)) void block_vnni(const uint8_t* a /*[Kp/4][32][4]*/, const int8_t* bp,
                                           int64_t Kp, const int32_t* wsum128,
                                           int32_t* c /*32x32*/) {
@@ -201,7 +201,9 @@ __attribute__((noinline)) void block_vnni(const uint8_t* a /*[Kp/4][32][4]*/, co
   }
 }
 
-// 128 x the sum of each unit's int8 weights, 16 units at a time: VPDPBUSD with bytes of 1
+// 128 x the sum of each unit's int8 weights, 16 units at a time: VPDPBUSD with bytes of 1.
+// Per call rather than stored with the packed weight: Np * Kp / 64 instructions, 1 / M of the
+// product's, and the weight format stays one array for all three kernels.
 inline void weight_sums_vnni(const int8_t* w, int64_t Kp, int64_t Np, int32_t* wsum128) {
   const int64_t KG = Kp / 4;
   const __m512i ones = _mm512_set1_epi8(1);
