@@ -6,9 +6,12 @@
 What is measured, for each shape (``BERTConfig.preset``) and workload:
 
 * ``fixed128``: batch 32 x length 128, every token valid.
-* ``mrpc``: a fixed random sample of MRPC train pairs (``--mrpc-examples``) through the
-  package's fine-tuning transform and length-bucketed loader (``bert_gluon.data``: max 128,
-  dynamic padding). Every candidate gets the same batches and ``valid_length`` / mask.
+* ``mrpc``: ``--mrpc-examples`` MRPC train pairs in the first batches of the package's
+  fine-tuning transform and length-bucketed loader over the whole train set
+  (``bert_gluon.data``: max 128, dynamic padding): batch 32 at MRPC's real length
+  distribution. Every candidate gets the same batches and ``valid_length`` / mask.
+  (``--mrpc-pool 96 --mrpc-examples 96``: the loader over 96 pairs only, batches of 2-16:
+  the small-batch workload of the results before 2026-12-04.)
 
 Candidates run *alternating in one process* (so machine noise hits them all), each run
 times one pass over the workload's batches ending in a host sync; the table shows the
@@ -82,29 +85,54 @@ Batch = Tuple[np.ndarray, np.ndarray, np.ndarray]
 # --------------------------------------------------------------------------- workloads
 
 def mrpc_batches(n_examples: int, batch_size: int, layout: str, vocab: str,
-                 data_dir: Optional[str] = None, max_len: int = 128,
-                 seed: int = 0) -> List[Batch]:
-    """A fixed set of batches of real MRPC train pairs, through the package's own
+                 data_dir: Optional[str] = None, max_len: int = 128, seed: int = 0,
+                 pool: Optional[int] = None) -> List[Batch]:
+    """``n_examples`` real MRPC train pairs in batches, through the package's own
     :class:`~bert_gluon.data.BERTDatasetTransform` and :func:`~bert_gluon.data.make_dataloader`.
 
+    The length-bucketed loader runs over ``pool`` random train pairs (default: all 3668) and
+    the first batches it yields are kept, the last one cut to make ``n_examples``. Over the
+    whole train set that is what fine-tuning sees: batches of ``batch_size`` (a bucket's last
+    batch is smaller) at MRPC's real length distribution. With ``pool == n_examples`` the 10
+    buckets split the few pairs into small batches (96 pairs: 2-16 per batch), the workload
+    of the results before 2026-12-04.
+
     ``layout``: ``"bucketed"`` (length buckets, dynamic padding: what fine-tuning uses),
-    ``"batch_max"`` (random batches padded to their longest pair) or ``"pad128"`` (every
-    batch padded to ``max_len``).
+    ``"batch_max"`` (the same pairs in random batches padded to their longest pair) or
+    ``"pad128"`` (the same random batches padded to ``max_len``).
     """
-    from bert_gluon.data import (BERTDatasetTransform, get_task, load_task, make_dataloader,
-                                 transform_examples)
+    from bert_gluon.data import (BERTDatasetTransform, batchify_fn, get_task, load_task,
+                                 make_dataloader, transform_examples)
     from bert_gluon.tokenization import Tokenizer
 
     tok = Tokenizer.from_file(vocab)
     examples = load_task("mrpc", "train", data_dir)
-    examples = random.Random(seed).sample(examples, min(n_examples, len(examples)))
-    transform = BERTDatasetTransform(tok, max_len, get_task("mrpc").class_labels,
-                                     pad=layout == "pad128")
+    rng = random.Random(seed)
+    examples = rng.sample(examples, min(pool or len(examples), len(examples)))
+    transform = BERTDatasetTransform(tok, max_len, get_task("mrpc").class_labels, pad=False)
     samples = transform_examples(examples, transform)
     np.random.seed(seed)                       # the bucket sampler shuffles with NumPy's RNG
-    loader = make_dataloader(samples, batch_size, tok.pad_id, shuffle=True,
-                             num_buckets=10 if layout == "bucketed" else 1)
-    return [(w.asnumpy(), s.asnumpy(), v.asnumpy()) for w, v, s, _ in loader]
+    loader = make_dataloader(samples, batch_size, tok.pad_id, shuffle=True, num_buckets=10)
+    chosen: List[int] = []
+    for indices in loader._batch_sampler:
+        chosen.append(indices[:n_examples - sum(map(len, chosen))])
+        if sum(map(len, chosen)) >= n_examples:
+            break
+    if layout != "bucketed":               # the same pairs, in random batches
+        flat = [i for b in chosen for i in b]
+        rng.shuffle(flat)
+        chosen = [flat[i:i + batch_size] for i in range(0, len(flat), batch_size)]
+    batchify = batchify_fn(tok.pad_id, True, False)
+    batches = []
+    for indices in chosen:
+        words, valid, segments, _ = batchify([samples[i] for i in indices])
+        words, segments = words.asnumpy(), segments.asnumpy()
+        if layout == "pad128":
+            pad = ((0, 0), (0, max_len - words.shape[1]))
+            words = np.pad(words, pad, constant_values=tok.pad_id)
+            segments = np.pad(segments, pad)
+        batches.append((words, segments, valid.asnumpy()))
+    return batches
 
 
 def fixed_batch(batch_size: int, length: int, vocab_size: int, seed: int = 0) -> List[Batch]:
@@ -630,9 +658,11 @@ def run_benchmark(args) -> Dict:
         layouts = (("bucketed", "batch_max", "pad128") if "mrpc_layout" in fast_path_names(args)
                    else ("bucketed",))
         mrpc = {lay: mrpc_batches(args.mrpc_examples, args.batch_size, lay, args.vocab,
-                                  args.mrpc_dir) for lay in layouts}
+                                  args.mrpc_dir, pool=args.mrpc_pool) for lay in layouts}
         valid = np.concatenate([b[2] for b in mrpc["bucketed"]])
-        result["mrpc"] = {"examples": int(len(valid)), "mean_valid_length": float(valid.mean()),
+        result["mrpc"] = {"examples": int(len(valid)), "pool": args.mrpc_pool or "all",
+                          "batch_sizes": [int(b[0].shape[0]) for b in mrpc["bucketed"]],
+                          "mean_valid_length": float(valid.mean()),
                           "padded_tokens": {lay: int(sum(b[0].size for b in bs))
                                             for lay, bs in mrpc.items()},
                           "valid_tokens": int(valid.sum())}
@@ -811,6 +841,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--mrpc-examples", type=int, default=256,
                    help="how many MRPC train pairs make the fixed mrpc workload")
+    p.add_argument("--mrpc-pool", type=int, default=None,
+                   help="bucket this many random train pairs and take the first "
+                        "--mrpc-examples of them (default: the whole train set, so the batches "
+                        "are --batch-size pairs as in fine-tuning; equal to --mrpc-examples: "
+                        "the small batches of the results before 2026-12-04)")
     p.add_argument("--mrpc-dir", default=None, help="MRPC folder (default: $MRPC_DIR or "
                    "../shared/data/mrpc)")
     p.add_argument("--vocab", default=os.environ.get("BERT_VOCAB") or os.path.join(

@@ -123,6 +123,13 @@ def test_benchmark_mrpc_batches_are_bucketed():
     assert all(b[0].shape[1] == 128 for b in layouts["pad128"])
     tokens = {lay: sum(b[0].size for b in bs) for lay, bs in layouts.items()}
     assert tokens["bucketed"] < tokens["batch_max"] < tokens["pad128"]
+    # the loader over the whole train set gives fine-tuning's batches: full but for the end of
+    # a bucket (9) and the cut to 96 pairs (7); over 96 pairs alone, the 10 buckets split them
+    assert [b[0].shape[0] for b in layouts["bucketed"]] == [16, 16, 16, 16, 16, 9, 7]
+    assert [b[0].shape[0] for b in layouts["batch_max"]] == [16] * 6
+    small = bench.mrpc_batches(96, 16, "bucketed", vocab, mrpc, pool=96)
+    assert [b[0].shape[0] for b in small] == [8, 9, 12, 9, 4, 11, 12, 16, 2, 13]
+    assert sum(b[0].shape[0] for b in small) == 96
 
 
 def test_benchmark_flop_count_by_hand():
