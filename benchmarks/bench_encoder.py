@@ -113,7 +113,7 @@ def mrpc_batches(n_examples: int, batch_size: int, layout: str, vocab: str,
     samples = transform_examples(examples, transform)
     np.random.seed(seed)                       # the bucket sampler shuffles with NumPy's RNG
     loader = make_dataloader(samples, batch_size, tok.pad_id, shuffle=True, num_buckets=10)
-    chosen: List[int] = []
+    chosen: List[List[int]] = []        # sample indices of each batch
     for indices in loader._batch_sampler:
         chosen.append(indices[:n_examples - sum(map(len, chosen))])
         if sum(map(len, chosen)) >= n_examples:
