@@ -114,10 +114,12 @@ def mrpc_batches(n_examples: int, batch_size: int, layout: str, vocab: str,
     np.random.seed(seed)                       # the bucket sampler shuffles with NumPy's RNG
     loader = make_dataloader(samples, batch_size, tok.pad_id, shuffle=True, num_buckets=10)
     chosen: List[List[int]] = []        # sample indices of each batch
+    left = n_examples
     for indices in loader._batch_sampler:
-        chosen.append(indices[:n_examples - sum(map(len, chosen))])
-        if sum(map(len, chosen)) >= n_examples:
+        if left <= 0:
             break
+        chosen.append(indices[:left])
+        left -= len(chosen[-1])
     if layout != "bucketed":               # the same pairs, in random batches
         flat = [i for b in chosen for i in b]
         rng.shuffle(flat)

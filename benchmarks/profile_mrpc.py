@@ -89,7 +89,6 @@ def main() -> None:
            / profiles["ours"]["operator_ms_per_pass_total"])
     print(f"in operator time ours is {now:.2f}x GluonNLP; with every operator but "
           f"FullyConnected free it would be {ceiling:.2f}x")
-    prof = profiles["ours"]
 
     cands = [B.MXNetCandidate(B.ours_model(cfg, mode), mode)
              for mode in ("static", "alloc", "onednn")]
@@ -99,7 +98,7 @@ def main() -> None:
         f"{k} {v:.1f}" for k, v in seq_per_s.items()) +
         "  (static = static_alloc+static_shape, alloc = static_alloc, onednn = static + MKLDNN "
         "backend)")
-    result = dict(vars(args), batches=len(batches), profile=prof,
+    result = dict(vars(args), batches=len(batches), profile=profiles["ours"],
                   profile_gluonnlp=profiles["gluonnlp"], fc_only_ceiling_over_gluonnlp=ceiling,
                   hybridization_seq_per_s=seq_per_s,
                   omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
