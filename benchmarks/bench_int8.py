@@ -1,4 +1,4 @@
-"""INT8 vs fp32 inference of a fine-tuned classifier: speed and MRPC dev accuracy.
+"""INT8 and bfloat16 vs fp32 inference of a fine-tuned classifier: speed and MRPC dev accuracy.
 
     python benchmarks/bench_int8.py --checkpoint runs/mrpc/best
 
@@ -6,15 +6,17 @@
 2. Quantize it with each of ``--backends`` (:func:`bert_gluon.quantization.quantize_checkpoint_model`):
    ``bert_gluon`` (AMX tiles or AVX-512 VNNI, no calibration) and ``onednn`` (calibrated on
    ``--calib-examples`` random training pairs: the package's transform + bucketed loader).
-   Default: both where the CPU has AMX INT8 or AVX-512 VNNI, else onednn.
+   Default: both where the CPU has AMX INT8 or AVX-512 VNNI, else onednn; and ``bf16``
+   (:func:`bert_gluon.quantization.bf16_dense_layers`: the same dense layers in bfloat16)
+   where the CPU has AVX-512 BF16.
 3. Score the dev set with every model through :func:`bert_gluon.finetuning.predict_scores`
    (the same bucketed batches ``bert-gluon evaluate`` uses): accuracy and F1.
 4. Time them, alternating in one process, median of ``--repeats`` passes: over the dev set
    (bucketed, batch ``--batch-size``) and over one fixed batch 32 x 128.
 5. The ceiling: the model's dense layers alone (its four GEMM shapes at 32 x 128 rows), fp32
-   ``FullyConnected`` against each backend's INT8 kernel (oneDNN's
-   ``quantized_fully_connected`` on int8 data; ``bg_int8_dense`` on float32 data, its own
-   quantization included), alternating. Their share of the fp32 pass and their INT8 speed-up
+   ``FullyConnected`` against each backend's kernel (oneDNN's ``quantized_fully_connected``
+   on int8 data; ``bg_int8_dense`` on float32 data, its own quantization included;
+   ``FullyConnected`` on bfloat16 with the casts in and out), alternating. Their share of the fp32 pass and their INT8 speed-up
    bound the whole pass (Amdahl), if nothing else got faster.
 
 Writes ``benchmarks/results/int8_<time>.json`` and prints one table.
@@ -64,8 +66,9 @@ def dense_layer_ceiling(cfg: BERTConfig, rows: int, repeats: int,
     Per layer: the fused QKV projection (units -> 3 units), the attention output (units ->
     units) and the two feed-forward layers (units -> hidden -> units), each timed alone on
     random data (oneDNN: s8 inputs and weights, as the quantized graph feeds them; bert_gluon:
-    float32 inputs, packed int8 weights)."""
-    from bert_gluon.quantization import pack_int8_weight
+    float32 inputs, packed int8 weights; bf16: float32 inputs cast to bfloat16, the output
+    cast back, as :func:`bert_gluon.quantization.bf16_dense_layers` does)."""
+    from bert_gluon.quantization import BFLOAT16, pack_int8_weight
 
     rng = np.random.RandomState(0)
     C, H = cfg.units, cfg.hidden_size
@@ -90,14 +93,19 @@ def dense_layer_ceiling(cfg: BERTConfig, rows: int, repeats: int,
             fns[f"bert_gluon {k}->{n}"] = (lambda x=x, w=wp, s=ws, b=b, n=n, k=k: mx.nd
                                            .bg_int8_dense(x, w, s, b, num_hidden=n, in_units=k)
                                            .wait_to_read())
+        if "bf16" in backends:
+            wb, bb = (mx.nd.amp_cast(a, dtype=BFLOAT16) for a in (w, b))
+            fns[f"bf16 {k}->{n}"] = (lambda x=x, w=wb, b=bb, n=n: mx.nd.amp_cast(
+                mx.nd.FullyConnected(mx.nd.amp_cast(x, dtype=BFLOAT16), w, b, num_hidden=n),
+                dtype="float32").wait_to_read())
     med = {k: statistics.median(v) for k, v in time_alternating(fns, repeats).items()}
     fp32 = cfg.num_layers * sum(med[f"fp32 {k}->{n}"] for k, n in shapes)
     out: Dict = {"rows": rows, "fp32_s": fp32}
     for be in backends:
-        int8 = cfg.num_layers * sum(med[f"{be} {k}->{n}"] for k, n in shapes)
-        out[be] = {"int8_s": int8, "int8_over_fp32": fp32 / int8,
-                   "int8_over_fp32_per_shape": {f"{k}->{n}": med[f"fp32 {k}->{n}"]
-                                                / med[f"{be} {k}->{n}"] for k, n in shapes}}
+        low = cfg.num_layers * sum(med[f"{be} {k}->{n}"] for k, n in shapes)
+        out[be] = {"seconds": low, "over_fp32": fp32 / low,
+                   "over_fp32_per_shape": {f"{k}->{n}": med[f"fp32 {k}->{n}"]
+                                           / med[f"{be} {k}->{n}"] for k, n in shapes}}
     return out
 
 
@@ -106,17 +114,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from bert_gluon.data import BERTDatasetTransform, load_task, transform_examples
     from bert_gluon.fileio import write_json
     from bert_gluon.finetuning import classification_metrics, predict_scores
-    from bert_gluon.quantization import fast_int8_kernel, quantize_checkpoint_model
+    from bert_gluon.quantization import (bf16_dense_layers, fast_bf16, fast_int8_kernel,
+                                         quantize_checkpoint_model)
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None,
                    help="fine-tuned checkpoint folder (default: newest runs/*/best)")
     p.add_argument("--task", default=None, help="task of the dev set (default: the checkpoint's)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--backends", nargs="+", choices=["bert_gluon", "onednn"],
-                   default=["bert_gluon", "onednn"] if fast_int8_kernel() else ["onednn"],
-                   help="INT8 backends to measure (default: both where the CPU has AMX INT8 "
-                        "or AVX-512 VNNI)")
+    p.add_argument("--backends", nargs="+", choices=["bert_gluon", "onednn", "bf16"],
+                   default=(["bert_gluon", "onednn"] if fast_int8_kernel() else ["onednn"])
+                   + (["bf16"] if fast_bf16() else []),
+                   help="INT8 backends (bert_gluon, onednn) and bfloat16 (bf16) to measure "
+                        "(default: both INT8 ones where the CPU has AMX INT8 or AVX-512 VNNI, "
+                        "else onednn; bf16 where it has AVX-512 BF16)")
     p.add_argument("--calib-examples", type=int, default=320, help="onednn calibration pairs")
     p.add_argument("--calib-mode", default="naive", choices=["naive", "entropy"])
     p.add_argument("--granularity", default="tensor-wise", choices=["tensor-wise", "channel-wise"],
@@ -163,10 +174,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         options = (dict(num_examples=args.calib_examples, batch_size=args.batch_size,
                         calib_mode=args.calib_mode, granularity=args.granularity)
                    if be == "onednn" else {})
-        nets[be] = quantize_checkpoint_model(model, tokenizer, dict(meta, task=task),
-                                             data_dir=args.data_dir, backend=be, **options)
+        nets[be] = (bf16_dense_layers(model) if be == "bf16" else quantize_checkpoint_model(
+            model, tokenizer, dict(meta, task=task), data_dir=args.data_dir, backend=be,
+            **options))
         quantize_s[be] = time.perf_counter() - t
-    int8_names = list(args.backends)
+    int8_names = list(args.backends)          # bf16 included: the low-precision variants
+    title = {be: be if be == "bf16" else "int8 " + be for be in int8_names}
 
     dev = transform_examples(load_task(task, "dev", args.data_dir), transform, "dev")
     gold = np.array([int(s[3]) for s in dev])
@@ -205,14 +218,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                                   for n, ts in times.items()}
         for name in int8_names:
             r = result["speed"][wname]
-            r[name]["int8_over_fp32"] = r[name]["seq_per_s"] / r["fp32"]["seq_per_s"]
+            r[name]["over_fp32"] = r[name]["seq_per_s"] / r["fp32"]["seq_per_s"]
     if args.speed:
         ceiling = dense_layer_ceiling(model.config, 32 * 128, max(args.repeats, 5), int8_names)
         fp32_pass = 1.0 / result["speed"]["batch 32 x 128"]["fp32"]["seq_per_s"] * 32
         ceiling["share_of_fp32_pass"] = ceiling["fp32_s"] / fp32_pass
         for name in int8_names:
-            ceiling[name]["bound_on_int8_over_fp32"] = fp32_pass / (
-                fp32_pass - ceiling["fp32_s"] + ceiling[name]["int8_s"])
+            ceiling[name]["bound_over_fp32"] = fp32_pass / (
+                fp32_pass - ceiling["fp32_s"] + ceiling[name]["seconds"])
         result["dense_layers_32x128"] = ceiling
     result["load_avg_at_end"] = os.getloadavg()
 
@@ -221,7 +234,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         f"{args.granularity})" if be == "onednn" else "") for be in int8_names)
     print(f"checkpoint {result['checkpoint']}  ({task} dev, {len(dev)} examples; quantized: "
           f"{how})")
-    print(f"{'':22s} {'fp32':>10s}" + "".join(f" {'int8 ' + be:>22s}" for be in int8_names))
+    print(f"{'':22s} {'fp32':>10s}" + "".join(f" {title[be]:>22s}" for be in int8_names))
     for m in ("accuracy", "f1"):
         print(f"{'dev ' + m:22s} {result['metrics']['fp32'][m]:10.4f}"
               + "".join(f" {result['metrics'][be][m]:22.4f}" for be in int8_names))
@@ -229,16 +242,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
           + "".join(f" {result['agreement'][be]:22.4f}" for be in int8_names))
     for wname, r in result["speed"].items():
         print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f}" + "".join(
-            f" {r[be]['seq_per_s']:14.2f} (x{r[be]['int8_over_fp32']:.2f})" for be in int8_names))
+            f" {r[be]['seq_per_s']:14.2f} (x{r[be]['over_fp32']:.2f})" for be in int8_names))
     if "dense_layers_32x128" in result:
         c = result["dense_layers_32x128"]
         print(f"dense layers alone at 32 x 128: {100 * c['share_of_fp32_pass']:.0f} % of the "
               f"fp32 pass")
         for be in int8_names:
             shapes = ", ".join(f"{k} x{v:.2f}"
-                               for k, v in c[be]["int8_over_fp32_per_shape"].items())
-            print(f"  {be}: INT8 x{c[be]['int8_over_fp32']:.2f} over fp32 ({shapes}), so INT8 "
-                  f"dense layers alone can give at most x{c[be]['bound_on_int8_over_fp32']:.2f}"
+                               for k, v in c[be]["over_fp32_per_shape"].items())
+            kind = "bf16" if be == "bf16" else "INT8"
+            print(f"  {be}: {kind} x{c[be]['over_fp32']:.2f} over fp32 ({shapes}), so {kind} "
+                  f"dense layers alone can give at most x{c[be]['bound_over_fp32']:.2f}"
                   + (" (not counting the GELU it fuses)" if be == "bert_gluon" else ""))
     print(f"(median of {args.repeats} alternating passes, OMP_NUM_THREADS="
           f"{result['omp_num_threads']}, load average {result['load_avg_at_start'][0]:.1f} -> "

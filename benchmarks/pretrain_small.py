@@ -104,6 +104,8 @@ def main() -> None:
     p.add_argument("--eval-pairs", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam", "lamb"])
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="decoupled weight decay of weight matrices and embeddings")
     p.add_argument("--preset", default="small", help="BERTConfig preset of the model")
     for flag, field in (("--units", "units"), ("--layers", "num_layers"),
                         ("--heads", "num_heads"), ("--ffn", "hidden_size")):
@@ -178,7 +180,7 @@ def main() -> None:
     summary = pretrain(model, train, run_dir, eval_arrays=eval_small, tokenizer=tok,
                        batch_size=args.batch_size, total_steps=total_steps,
                        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
-                       optimizer=args.optimizer,
+                       optimizer=args.optimizer, weight_decay=args.weight_decay,
                        checkpoint_every=200, eval_every=200, log_every=20,
                        max_seconds=budget, progress=True)
     final = evaluate(model, eval_arrays, ctx=mx.cpu())
@@ -194,7 +196,7 @@ def main() -> None:
                  "dupe_factor": args.dupe_factor, "max_seq_length": args.seq_len,
                  "max_predictions_per_seq": args.max_predictions},
         "hyper": {"batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
-                  "optimizer": args.optimizer, "weight_decay": 0.01, "seed": args.seed,
+                  "optimizer": args.optimizer, "weight_decay": args.weight_decay, "seed": args.seed,
                   "total_steps_planned": total_steps, "minutes_budget": args.minutes},
         "steps": summary["steps"], "stopped": summary["stopped"],
         "train_seconds": round(summary["train_seconds"], 1),

@@ -108,7 +108,7 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--predictions", help="write label/probability per example to this TSV")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--skip-bad", action="store_true")
-    _add_int8_args(p)
+    _add_precision_args(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="label and probability for sentences or a file")
@@ -118,12 +118,15 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--text-columns", nargs="+", metavar="COL")
     p.add_argument("--output", help="write predictions to this TSV")
     p.add_argument("--data-dir", help="folder of the task's files (for --int8 calibration)")
-    _add_int8_args(p)
+    _add_precision_args(p)
     p.set_defaults(func=_cmd_predict)
 
 
-def _add_int8_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--int8", action="store_true", help="INT8 inference on CPU")
+def _add_precision_args(p: argparse.ArgumentParser) -> None:
+    low = p.add_mutually_exclusive_group()
+    low.add_argument("--int8", action="store_true", help="INT8 inference on CPU")
+    low.add_argument("--bf16", action="store_true", help="bfloat16 dense layers on CPU "
+                     "(fast where the CPU has AVX-512 BF16: AMD Zen 4, Intel Cooper Lake on)")
     p.add_argument("--int8-backend", default="auto", choices=["auto", "bert_gluon", "onednn"],
                    help="bert_gluon: bert_gluon's INT8 operator (AMX tiles or AVX-512 VNNI), no "
                    "calibration; onednn: MXNet's oneDNN, calibrated on 320 training examples; "
@@ -153,7 +156,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate(args.checkpoint, task=args.task, split=args.split, file=args.file,
                        data_dir=args.data_dir, predictions=args.predictions,
                        batch_size=args.batch_size, skip_bad=args.skip_bad, int8=args.int8,
-                       calib_file=args.calib_file, int8_backend=args.int8_backend)
+                       calib_file=args.calib_file, int8_backend=args.int8_backend,
+                       bf16=args.bf16)
     print(json.dumps(metrics, sort_keys=True))
     return 0
 
@@ -162,7 +166,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .finetuning import predict, predict_file
 
     int8 = dict(int8=args.int8, calib_file=args.calib_file, data_dir=args.data_dir,
-                int8_backend=args.int8_backend)
+                int8_backend=args.int8_backend, bf16=args.bf16)
     if args.file:
         rows = predict_file(args.checkpoint, args.file, args.output, args.text_columns, **int8)
     elif args.sentences:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -316,13 +317,18 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
 # --------------------------------------------------------------------------------------
 def _load_checkpoint(checkpoint: str, ctx: mx.Context, int8: bool = False,
                      calib_file: Optional[str] = None, data_dir: Optional[str] = None,
-                     int8_backend: str = "auto"):
+                     int8_backend: str = "auto", bf16: bool = False):
     """The fine-tuned model, its tokenizer and ``config.json``; with ``int8`` the model is
     quantized on the CPU by ``int8_backend`` (oneDNN's is calibrated on a few hundred of its
-    training examples: the checkpoint's task, or ``calib_file``) -- see
-    :mod:`bert_gluon.quantization`."""
+    training examples: the checkpoint's task, or ``calib_file``), with ``bf16`` its dense
+    layers run in bfloat16 -- see :mod:`bert_gluon.quantization`."""
     from .checkpoints import from_pretrained
 
+    if int8 and bf16:
+        raise ValueError("choose one of int8 and bf16, not both")
+    if (int8 or bf16) and ctx.device_type != "cpu":
+        raise ValueError(f"{'int8' if int8 else 'bf16'} inference runs on the CPU only, "
+                         f"not {ctx}")
     model, tokenizer = from_pretrained(checkpoint, task="classifier", ctx=ctx)
     meta = getattr(model, "meta", {}) or {}
     if "class_labels" not in meta:
@@ -339,6 +345,13 @@ def _load_checkpoint(checkpoint: str, ctx: mx.Context, int8: bool = False,
 
         model = quantize_checkpoint_model(model, tokenizer, meta, train_file=calib_file,
                                           data_dir=data_dir, backend=int8_backend, ctx=ctx)
+    elif bf16:
+        from .quantization import bf16_dense_layers, fast_bf16
+
+        if not fast_bf16():
+            warnings.warn("this CPU has no AVX-512 BF16 instructions: oneDNN emulates "
+                          "bfloat16 here, slower than float32")
+        model = bf16_dense_layers(model)
     return model, tokenizer, meta
 
 
@@ -346,18 +359,19 @@ def evaluate(checkpoint: str, task: Optional[str] = None, split: str = "dev",
              file: Optional[str] = None, data_dir: Optional[str] = None,
              predictions: Optional[str] = None, batch_size: int = 64, skip_bad: bool = False,
              int8: bool = False, calib_file: Optional[str] = None, int8_backend: str = "auto",
-             ctx: Optional[mx.Context] = None) -> Dict[str, float]:
+             bf16: bool = False, ctx: Optional[mx.Context] = None) -> Dict[str, float]:
     """Accuracy and F1 (or MSE and Pearson) of ``checkpoint`` on a labelled split or file.
 
     Columns and labels come from the checkpoint (what it was fine-tuned on). ``predictions``:
     also write one ``label<TAB>probability`` line per example (TSV with a header).
     ``int8``: score with the INT8-quantized model (CPU; ``int8_backend`` as in
     :func:`bert_gluon.quantization.quantize_classifier`; oneDNN's is calibrated on the
-    checkpoint's training data, or ``calib_file``).
+    checkpoint's training data, or ``calib_file``). ``bf16``: with the encoder's dense layers
+    in bfloat16 (CPU; :func:`bert_gluon.quantization.bf16_dense_layers`).
     """
     ctx = ctx or default_context()
     model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir,
-                                              int8_backend)
+                                              int8_backend, bf16)
     labels = meta["class_labels"]
     task = task or meta.get("task")
     if file is None:
@@ -385,14 +399,14 @@ def evaluate(checkpoint: str, task: Optional[str] = None, split: str = "dev",
 
 def predict(checkpoint: str, inputs: Sequence[Sequence[str]], batch_size: int = 64,
             int8: bool = False, calib_file: Optional[str] = None,
-            data_dir: Optional[str] = None, int8_backend: str = "auto",
+            data_dir: Optional[str] = None, int8_backend: str = "auto", bf16: bool = False,
             ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
     """Label and probability for each input (a sentence, or a ``(sentence_a, sentence_b)``
-    pair, matching what the checkpoint was trained on). ``int8``, ``int8_backend``: as in
-    :func:`evaluate`."""
+    pair, matching what the checkpoint was trained on). ``int8``, ``int8_backend``, ``bf16``:
+    as in :func:`evaluate`."""
     ctx = ctx or default_context()
     model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir,
-                                              int8_backend)
+                                              int8_backend, bf16)
     labels, pair = meta["class_labels"], bool(meta["pair"])
     rows = [(x,) if isinstance(x, str) else tuple(x) for x in inputs]
     for i, row in enumerate(rows):
@@ -410,7 +424,7 @@ def predict_file(checkpoint: str, file: str, output: Optional[str] = None,
                  text_columns: Optional[Sequence[str]] = None, skip_bad: bool = False,
                  int8: bool = False, calib_file: Optional[str] = None,
                  data_dir: Optional[str] = None, int8_backend: str = "auto",
-                 ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
+                 bf16: bool = False, ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
     """:func:`predict` for every row of a TSV/CSV file (labels, if any, are ignored);
     ``output`` gets the predictions as TSV."""
     ctx = ctx or default_context()
@@ -419,7 +433,7 @@ def predict_file(checkpoint: str, file: str, output: Optional[str] = None,
     cols = text_columns or meta.get("text_columns")
     examples = read_examples(file, cols, None, None, skip_bad=skip_bad)
     results = predict(checkpoint, examples, int8=int8, calib_file=calib_file,
-                      data_dir=data_dir, int8_backend=int8_backend, ctx=ctx)
+                      data_dir=data_dir, int8_backend=int8_backend, bf16=bf16, ctx=ctx)
     if output:
         _write_rows(output, results)
     return results

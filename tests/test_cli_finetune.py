@@ -84,3 +84,23 @@ def test_finetune_evaluate_predict_minilm(tmp_path, capsys):
         return float(p) if lab == "1" else 1.0 - float(p)
 
     assert abs(p_one(label8, prob8) - p_one(label, prob)) < 0.05, (label, prob, label8, prob8)
+
+    # --bf16: the encoder's dense layers in bfloat16 give the fp32 labels and nearly its
+    # probabilities; where MXNet cannot run bfloat16 here, the error says so
+    from bert_gluon.quantization import bf16_supported
+
+    preds16 = tmp_path / "preds16.tsv"
+    args16 = ["evaluate", str(out / "best"), "--file", str(dev64), "--predictions",
+              str(preds16), "--bf16"]
+    if not bf16_supported():
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            main(args16)
+        return
+    assert main(args16) == 0
+    metrics16 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics16["n"] == 64 and abs(metrics16["accuracy"] - metrics["accuracy"]) <= 0.02
+    bf16_rows = [r.split("\t") for r in preds16.read_text().splitlines()[1:]]
+    assert sum(a[0] == b[0] for a, b in zip(fp32_rows, bf16_rows)) >= 63
+    assert max(abs(p_one(*a) - p_one(*b)) for a, b in zip(fp32_rows, bf16_rows)) < 0.02
+    with pytest.raises(SystemExit):                      # one low precision at a time
+        main(["evaluate", str(out / "best"), "--int8", "--bf16"])

@@ -8,6 +8,9 @@ random lengths): predicted classes agree on >= 90% of examples, and every logit 
 calibrating on a single constant batch, for one, gives 3.4% and fails.
 """
 import json
+import os
+import subprocess
+import sys
 
 import mxnet as mx
 import numpy as np
@@ -16,8 +19,9 @@ import pytest
 import bert_gluon  # noqa: F401
 from bert_gluon import BERTClassifier, BERTConfig
 from bert_gluon import ops
-from bert_gluon.quantization import (pack_int8_weight, quantize_classifier,
-                                    quantize_dense_layers, resolve_backend)
+from bert_gluon.quantization import (bf16_dense_layers, bf16_supported, pack_int8_weight,
+                                    quantize_classifier, quantize_dense_layers,
+                                    resolve_backend)
 
 CFG = BERTConfig.preset("tiny", dropout=0.0, attention_dropout=0.0)
 T = 24
@@ -89,9 +93,10 @@ def test_int8_graph_really_is_quantized(models):
                if n["attrs"].get("enable_float_output") != "True")
 
 
-@pytest.mark.parametrize("backend", ["onednn", "bert_gluon"])
-def test_padding_does_not_change_int8_predictions(models, bg_models, backend):
-    _, qnet = models if backend == "onednn" else bg_models
+@pytest.mark.parametrize("backend", ["onednn", "bert_gluon", "bf16"])
+def test_padding_does_not_change_low_precision_predictions(request, backend):
+    fixture = {"onednn": "models", "bert_gluon": "bg_models", "bf16": "bf16_models"}[backend]
+    _, qnet = request.getfixturevalue(fixture)
     words, valid, segments = _batch(8, seed=3, T=16)
     wide = [np.pad(a, ((0, 0), (0, 8))) for a in (words, segments)]
     short = _run(qnet, words, valid, segments)
@@ -282,3 +287,71 @@ def test_auto_backend_follows_the_cpu(monkeypatch):
     assert resolve_backend() == "bert_gluon"
     monkeypatch.setattr(quantization, "fast_int8_kernel", lambda: False)
     assert resolve_backend("auto") == "onednn" and resolve_backend("bert_gluon") == "bert_gluon"
+
+
+# ---- bfloat16 dense layers ------------------------------------------------------------
+# Reference: the same fp32 model (with random biases). bfloat16 keeps 8 significant bits, so
+# each dense layer's inputs and weights are rounded to within 0.4 %; the sums stay float32, and
+# the logits move by 0.03 % of their range here. Bound: 0.5 %. Dropping the biases, or
+# reversing the rows of the weights, moves them by 3.5-6 % and fails; >= 95 % of classes agree.
+@pytest.fixture(scope="module")
+def bf16_models():
+    net = _fp32_model()
+    rng = np.random.RandomState(3)
+    for name, p in net.collect_params().items():    # biases too (initialized to zero)
+        if name.endswith("_bias"):
+            p.set_data(mx.nd.array(rng.normal(0, 0.1, p.shape)))
+    if not bf16_supported():
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            bf16_dense_layers(net)
+        pytest.skip("MXNet's oneDNN runs no bfloat16 FullyConnected on this CPU "
+                    "(the clear error was checked)")
+    return net, bf16_dense_layers(net)
+
+
+@pytest.mark.parametrize("length", [T, 16])
+def test_bf16_agrees_with_fp32(bf16_models, length):
+    net, bnet = bf16_models
+    words, valid, segments = _batch(64, 200 + length, T=length)
+    fp32 = _run(net, words, valid, segments)
+    bf16 = _run(bnet, words, valid, segments)
+    assert bf16.shape == fp32.shape == (64, 3) and bf16.dtype == np.float32
+    err = np.abs(bf16 - fp32).max() / (fp32.max() - fp32.min())
+    print(f"bf16 vs fp32: max |difference| {100 * err:.2f} % of the logits' range")
+    assert 0 < err <= 0.005, err                        # rounded, but only by bfloat16
+    assert (bf16.argmax(1) == fp32.argmax(1)).mean() >= 0.95
+
+
+def test_bf16_graph_casts_every_encoder_dense_layer(bf16_models):
+    net, bnet = bf16_models
+    nodes = json.loads(bnet._cached_graph[1].tojson(remove_amp_cast=False))["nodes"]
+    fc = [n["name"] for n in nodes if n["op"] == "FullyConnected"]
+    bf16_fc = [name for name in fc if name.endswith("_bf16")]
+    # qkv, attention output, ffn1, ffn2 per layer; pooler and output stay fp32
+    assert len(bf16_fc) == 4 * CFG.num_layers and len(fc) == len(bf16_fc) + 2
+    casts = [n for n in nodes if n["op"] == "amp_cast"]
+    assert len(casts) == 2 * len(bf16_fc)
+    assert sum(n["attrs"]["dtype"] == "bfloat16" for n in casts) == len(bf16_fc)
+    params = bnet.collect_params()
+    low = [p for p in params.values() if p.dtype != np.float32]
+    assert len(low) == 2 * len(bf16_fc)                 # weight and bias of each
+    assert all(p.grad_req == "null" for p in params.values())
+
+
+
+def test_bf16_without_avx512_is_a_clear_error():
+    """oneDNN limited to AVX2 (``DNNL_MAX_CPU_ISA``, in a fresh process) has no bfloat16
+    kernel: bf16_supported() says so and bf16_dense_layers raises a RuntimeError naming it."""
+    code = ("import bert_gluon, mxnet as mx\n"
+            "from bert_gluon import BERTClassifier, BERTConfig\n"
+            "from bert_gluon.quantization import bf16_dense_layers, bf16_supported\n"
+            "net = BERTClassifier(BERTConfig.preset('tiny')); net.initialize()\n"
+            "print('supported', bf16_supported())\n"
+            "try:\n    bf16_dense_layers(net)\n"
+            "except RuntimeError as e:\n    print('RuntimeError:', e)\n")
+    env = dict(os.environ, DNNL_MAX_CPU_ISA="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "supported False" in run.stdout
+    assert "RuntimeError: MXNet's oneDNN cannot run bfloat16 FullyConnected" in run.stdout
