@@ -68,7 +68,8 @@ def dense_layer_ceiling(cfg: BERTConfig, rows: int, repeats: int,
     random data (oneDNN: s8 inputs and weights, as the quantized graph feeds them; bert_gluon:
     float32 inputs, packed int8 weights; bf16: float32 inputs cast to bfloat16, the output
     cast back, as :func:`bert_gluon.quantization.bf16_dense_layers` does)."""
-    from bert_gluon.quantization import BFLOAT16, pack_int8_weight
+    from bert_gluon.quantization import pack_int8_weight
+    from bert_gluon.runtime import BFLOAT16
 
     rng = np.random.RandomState(0)
     C, H = cfg.units, cfg.hidden_size
@@ -114,8 +115,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     from bert_gluon.data import BERTDatasetTransform, load_task, transform_examples
     from bert_gluon.fileio import write_json
     from bert_gluon.finetuning import classification_metrics, predict_scores
-    from bert_gluon.quantization import (bf16_dense_layers, fast_bf16, fast_int8_kernel,
+    from bert_gluon.quantization import (bf16_dense_layers, fast_int8_kernel,
                                          quantize_checkpoint_model)
+    from bert_gluon.runtime import fast_bf16
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None,

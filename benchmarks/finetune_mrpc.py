@@ -3,7 +3,8 @@ transformers (torch CPU), same recipe, same machine, alternating runs.
 
 Three sides (``--impls``): ``ours``; ``hf``, transformers' model in a plain torch loop; and
 ``trainer``, the same model trained by transformers' ``Trainer`` (needs ``accelerate``), the
-way most transformers users run this recipe.
+way most transformers users run this recipe. ``ours_bf16`` is ours with the encoder's dense
+layers in bfloat16 (``finetune --bf16``: mixed precision, for CPUs with AVX-512 BF16).
 
 Recipe: MRPC train (3668 pairs), 3 epochs, batch 32, max length 128, lr 5e-5, linear warmup
 over 10 % of the updates then linear decay, weight decay 0.01 (none on bias/LayerNorm),
@@ -39,7 +40,7 @@ ROOT = os.path.dirname(HERE)
 THREADS = 2
 
 
-def run_ours(a: argparse.Namespace) -> dict:
+def run_ours(a: argparse.Namespace, bf16: bool = False) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     sys.path.insert(0, ROOT)
     import bert_gluon  # noqa: F401  (threads before mxnet)
@@ -48,12 +49,12 @@ def run_ours(a: argparse.Namespace) -> dict:
     # kept (runs/ is not committed): bench_int8.py --checkpoint runs/finetune_mrpc/ours-seedN/best;
     # named after --out, so a smoke run with its own --out leaves the benchmark's checkpoints be
     name = os.path.splitext(os.path.basename(a.out))[0]
-    out = os.path.join(ROOT, "runs", name, f"ours-seed{a.seed}")
+    out = os.path.join(ROOT, "runs", name, f"{a.only}-seed{a.seed}")
     shutil.rmtree(out, ignore_errors=True)
     s = finetune(FinetuneArgs(task="mrpc", model="all-MiniLM-L6-v2", output_dir=out,
                               epochs=a.epochs, batch_size=32, max_len=128, lr=5e-5,
                               warmup_ratio=0.1, weight_decay=0.01, optimizer=a.optimizer,
-                              seed=a.seed,
+                              seed=a.seed, bf16=bf16,
                               max_train_examples=a.max_train, progress=False))
     last = s["last_dev"]
     return {"accuracy": last["accuracy"], "f1": last["f1"], "train_time": s["train_time"],
@@ -161,9 +162,10 @@ def run_trainer(a: argparse.Namespace) -> dict:
     return dict(_hf_metrics(out.label_ids, out.predictions.argmax(-1)), train_time=train_time)
 
 
-RUNNERS = {"ours": run_ours, "hf": run_hf, "trainer": run_trainer}
-NAMES = {"ours": "bert_gluon (MXNet)", "hf": "transformers (torch), plain loop",
-         "trainer": "transformers (torch), Trainer"}
+RUNNERS = {"ours": run_ours, "ours_bf16": lambda a: run_ours(a, bf16=True), "hf": run_hf,
+           "trainer": run_trainer}
+NAMES = {"ours": "bert_gluon (MXNet)", "ours_bf16": "bert_gluon (MXNet), bf16 dense layers",
+         "hf": "transformers (torch), plain loop", "trainer": "transformers (torch), Trainer"}
 
 
 def _versions() -> dict:
@@ -187,7 +189,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-train", type=int, default=None, help="first N train pairs (smoke)")
-    p.add_argument("--impls", nargs="+", choices=list(RUNNERS), default=list(RUNNERS),
+    p.add_argument("--impls", nargs="+", choices=list(RUNNERS),
+                   default=["ours", "hf", "trainer"],
                    help="which sides to run (trainer needs `pip install accelerate`)")
     p.add_argument("--only", choices=list(RUNNERS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -196,21 +199,24 @@ def main() -> None:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam"],
                    help="ours: bias-corrected AdamW (as torch) or BERT's uncorrected BERTAdam")
     p.add_argument("--collect", action="store_true", help="only summarize existing run files")
+    p.add_argument("--runs-dir", default=None,
+                   help="folder of the per-run files (default: finetune_mrpc_runs/ beside --out, "
+                        "shared by every run written there)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "finetune_mrpc.json"))
     a = p.parse_args()
     if a.only:  # child process: one run, written to the runs folder
         result = RUNNERS[a.only](a)
         result.update(impl=a.only, seed=a.seed, epochs=a.epochs, max_train=a.max_train,
-                      optimizer=a.optimizer if a.only == "ours" else "torch AdamW",
+                      optimizer=a.optimizer if a.only.startswith("ours") else "torch AdamW",
                       versions=_versions())
-        runs_dir = os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
+        runs_dir = a.runs_dir or os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
         os.makedirs(runs_dir, exist_ok=True)
         with open(os.path.join(runs_dir, f"{a.only}-seed{a.seed}.json"), "w") as f:
             json.dump(result, f, indent=2)
         print(json.dumps(result))
         return
 
-    runs_dir = os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
+    runs_dir = a.runs_dir or os.path.join(os.path.dirname(a.out), "finetune_mrpc_runs")
     os.makedirs(runs_dir, exist_ok=True)
     if "trainer" in a.impls and not a.collect and importlib.util.find_spec("accelerate") is None:
         raise SystemExit("--impls trainer needs accelerate (pip install -e '.[bench]'), "
@@ -220,7 +226,8 @@ def main() -> None:
             procs = []
             for impl in a.impls:
                 cmd = [sys.executable, __file__, "--only", impl, "--seed", str(seed),
-                       "--epochs", str(a.epochs), "--optimizer", a.optimizer, "--out", a.out]
+                       "--epochs", str(a.epochs), "--optimizer", a.optimizer, "--out", a.out,
+                       "--runs-dir", runs_dir]
                 if a.max_train:
                     cmd += ["--max-train", str(a.max_train)]
                 env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))

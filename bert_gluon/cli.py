@@ -96,6 +96,8 @@ def _add_finetuning_commands(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows")
     p.add_argument("--no-amp", action="store_true", help="no fp16 on GPU")
+    p.add_argument("--bf16", action="store_true", help="CPU mixed precision: the encoder's "
+                   "dense layers in bfloat16, float32 weights (fast with AVX-512 BF16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_finetune)
 

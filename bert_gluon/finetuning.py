@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -30,8 +29,8 @@ from .data import (BERTDatasetTransform, ReadStats, get_task, make_dataloader, r
 from .fileio import JsonlLogger, write_json
 from .runtime import default_context, seed_everything
 from .training import (WarmupLinearSchedule, amp_init_trainer, backward, create_trainer,
-                       enable_amp, load_training_state, optimizer_step, save_training_state,
-                       set_grad_accumulation)
+                       enable_amp, enable_bf16, load_training_state, optimizer_step,
+                       save_training_state, set_grad_accumulation)
 
 __all__ = ["FinetuneArgs", "finetune", "evaluate", "predict", "classification_metrics",
            "regression_metrics", "predict_scores", "load_data"]
@@ -72,6 +71,7 @@ class FinetuneArgs:
     max_dev_examples: Optional[int] = None
     skip_bad: bool = False                  # skip (and count) bad rows instead of failing
     amp: bool = True                        # fp16 on GPU (no effect on CPU)
+    bf16: bool = False                      # CPU: encoder dense layers in bfloat16 (AVX-512 BF16)
     eval_batch_size: int = 64
     progress: bool = True
 
@@ -222,6 +222,8 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
               f"truncated {train_truncated} train / {transform.num_truncated - train_truncated} "
               f"dev examples to max_len={args.max_len}")
 
+    if args.bf16:
+        enable_bf16(model, ctx)
     model.hybridize(static_alloc=True)
     loss_fn = gluon.loss.L2Loss() if args.regression else gluon.loss.SoftmaxCELoss()
     loss_fn.hybridize(static_alloc=True)
@@ -346,11 +348,8 @@ def _load_checkpoint(checkpoint: str, ctx: mx.Context, int8: bool = False,
         model = quantize_checkpoint_model(model, tokenizer, meta, train_file=calib_file,
                                           data_dir=data_dir, backend=int8_backend, ctx=ctx)
     elif bf16:
-        from .quantization import bf16_dense_layers, fast_bf16
+        from .quantization import bf16_dense_layers
 
-        if not fast_bf16():
-            warnings.warn("this CPU has no AVX-512 BF16 instructions: oneDNN emulates "
-                          "bfloat16 here, slower than float32")
         model = bf16_dense_layers(model)
     return model, tokenizer, meta
 

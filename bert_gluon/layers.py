@@ -18,10 +18,54 @@ import numpy as np
 from mxnet.gluon import HybridBlock, nn
 
 from . import ops
+from .runtime import BFLOAT16
+
+DENSE_DTYPES = ("float32", "bfloat16")
 
 
 def _normal(sigma: float) -> mx.init.Initializer:
     return mx.init.Normal(sigma)
+
+
+def dense(F, X, weight, bias, num_hidden: int, dtype: str = "float32", name=None):
+    """``X W^T + b`` over the last axis (``FullyConnected``, ``flatten=False``). With
+    ``dtype="bfloat16"`` the product runs on bfloat16 copies of ``X``, ``W`` and ``b`` and the
+    result is cast back to float32: mixed precision, the parameters and their gradients (which
+    flow back through the casts) stay float32."""
+    if dtype == "float32":
+        return F.FullyConnected(X, weight, bias, num_hidden=num_hidden, flatten=False, name=name)
+    low = [F.amp_cast(a, dtype=BFLOAT16) for a in (X, weight, bias)]
+    return F.amp_cast(F.FullyConnected(*low, num_hidden=num_hidden, flatten=False, name=name),
+                      dtype="float32")
+
+
+class Dense(nn.Dense):
+    """Gluon's ``nn.Dense`` over the last axis (same parameters), computed in
+    ``compute_dtype`` (see :func:`dense` and :func:`set_dense_dtype`)."""
+
+    def __init__(self, units: int, in_units: int, **kwargs):
+        super().__init__(units, flatten=False, in_units=in_units, **kwargs)
+        self.compute_dtype = "float32"
+
+    def hybrid_forward(self, F, x, weight, bias):
+        return dense(F, x, weight, bias, self._units, self.compute_dtype, name="fwd")
+
+
+def set_dense_dtype(block: HybridBlock, dtype: str) -> None:
+    """Compute the encoder's dense layers inside ``block`` -- every layer's fused Q/K/V
+    projection, attention output and both feed-forward layers, ~90 % of the work -- in
+    ``dtype``: ``"bfloat16"`` (mixed precision on CPUs with AVX-512 BF16, see
+    :func:`bert_gluon.runtime.fast_bf16`) or ``"float32"``. Embeddings, attention scores,
+    LayerNorm, pooler and heads stay float32; cached graphs are rebuilt on the next call."""
+    if dtype not in DENSE_DTYPES:
+        raise ValueError(f"dense-layer dtype must be one of {DENSE_DTYPES}, got {dtype!r}")
+
+    def visit(b):
+        if isinstance(b, (Dense, MultiHeadAttention)):
+            b.compute_dtype = dtype
+        b._clear_cached_op()
+
+    block.apply(visit)
 
 
 class OptionalArgsBlock(HybridBlock):
@@ -87,6 +131,7 @@ class MultiHeadAttention(OptionalArgsBlock):
             raise ValueError(f"units ({units}) must be divisible by num_heads ({num_heads})")
         self.units, self.num_heads = units, num_heads
         self.first_query_only = first_query_only
+        self.compute_dtype = "float32"
         init = weight_initializer or _normal(0.02)
         with self.name_scope():
             for name in ("query", "key", "value"):
@@ -94,8 +139,7 @@ class MultiHeadAttention(OptionalArgsBlock):
                         self.params.get(f"{name}_weight", shape=(units, units), init=init))
                 setattr(self, f"{name}_bias",
                         self.params.get(f"{name}_bias", shape=(units,), init="zeros"))
-            self.proj = nn.Dense(units, flatten=False, in_units=units, weight_initializer=init,
-                                 prefix="proj_")
+            self.proj = Dense(units, in_units=units, weight_initializer=init, prefix="proj_")
             self.dropout = nn.Dropout(dropout)
 
     def hybrid_forward(self, F, X, valid_length=None, *, query_weight, key_weight, value_weight,
@@ -105,8 +149,8 @@ class MultiHeadAttention(OptionalArgsBlock):
         weight = F.concat(*[w.reshape((H, -1, 0), reverse=True) for w in (query_weight, key_weight,
                                                             value_weight)], dim=1)
         bias = F.concat(*[b.reshape((H, -1), reverse=True) for b in (query_bias, key_bias, value_bias)], dim=1)
-        qkv = F.FullyConnected(X, weight.reshape((-1, 0), reverse=True), bias.reshape((-1,)),
-                               num_hidden=3 * self.units, flatten=False)   # (T, B, 3*units)
+        qkv = dense(F, X, weight.reshape((-1, 0), reverse=True), bias.reshape((-1,)),
+                    3 * self.units, self.compute_dtype)                     # (T, B, 3*units)
         if ops.use_fast_ops():
             context = self._fused_attention(F, X, qkv, valid_length)
         else:
@@ -195,11 +239,9 @@ class PositionWiseFFN(HybridBlock):
         super().__init__(**kwargs)
         init = weight_initializer or _normal(0.02)
         with self.name_scope():
-            self.dense1 = nn.Dense(hidden_size, flatten=False, in_units=units,
-                                   weight_initializer=init)
+            self.dense1 = Dense(hidden_size, in_units=units, weight_initializer=init)
             self.activation = nn.GELU()
-            self.dense2 = nn.Dense(units, flatten=False, in_units=hidden_size,
-                                   weight_initializer=init)
+            self.dense2 = Dense(units, in_units=hidden_size, weight_initializer=init)
 
     def hybrid_forward(self, F, X):
         return self.dense2(self.activation(self.dense1(X)))

@@ -24,8 +24,9 @@ float32. ``quantize_classifier(model, backend="auto")`` picks the first that run
       qnet = quantize_classifier(model, loader, backend="onednn")
 
 A third option keeps 16 bits: ``bf16_dense_layers(model)`` runs the same dense layers as
-MXNet's ``FullyConnected`` on bfloat16 weights and inputs (oneDNN's AVX-512 BF16 kernels:
-AMD Zen 4, Intel Cooper Lake and later), with nothing to calibrate and float32's range::
+MXNet's ``FullyConnected`` on bfloat16 casts of inputs and weights (oneDNN's AVX-512 BF16
+kernels: AMD Zen 4, Intel Cooper Lake and later), with nothing to calibrate and float32's
+range::
 
       bnet = bf16_dense_layers(model)
       logits = bnet(words, segments, valid_length)
@@ -45,13 +46,14 @@ import mxnet as mx
 import numpy as np
 from mxnet.base import NDArrayHandle, py_str
 
+from .runtime import require_bf16
+
 __all__ = ["quantize_classifier", "quantize_checkpoint_model", "quantize_dense_layers",
-           "bf16_dense_layers", "bf16_supported", "fast_bf16",
+           "bf16_dense_layers",
            "pack_int8_weight", "fast_int8_kernel", "int8_kernel", "resolve_backend",
            "CalibrationCollector"]
 
 BACKENDS = ("auto", "bert_gluon", "onednn")
-BFLOAT16 = np.dtype([("bfloat16", np.uint16)])    # how MXNet's Python side spells bfloat16
 
 
 class CalibrationCollector:
@@ -192,93 +194,6 @@ def _constant(sym: mx.sym.Symbol, entry, nodes, params: Dict[str, mx.nd.NDArray]
     return mx.nd.CachedOp(out)(*[params[a] for a in args])
 
 
-def _rewrite_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int,
-                          exclude_layers_match: Sequence[str], emit,
-                          fuse_gelu: bool) -> mx.gluon.SymbolBlock:
-    """``model`` as a ``SymbolBlock`` whose position-wise dense layers (``FullyConnected``
-    with ``flatten=False`` and constant weight and bias: the fused Q/K/V projection, the
-    attention output and both feed-forward layers of each encoder layer) are replaced by
-    what ``emit(name, x, weight, bias, act, var, add)`` builds: ``x`` is the layer's input
-    entry, ``weight``/``bias`` float32 NumPy arrays, ``act`` ``"gelu"`` when the GELU after
-    the layer is fused into it (``fuse_gelu``) else ``"none"``; ``var(name, value)`` adds a
-    parameter (NumPy array or NDArray) and ``add(node)`` a node, each returning its entry.
-    ``emit`` returns the entry of the new layer's output. For inference only: no gradients."""
-    import json
-
-    inputs = [mx.sym.var(f"data{i}") for i in range(num_inputs)]
-    out = model(*inputs)
-    sym = mx.sym.Group(list(out)) if isinstance(out, (tuple, list)) else out
-    params = {p.name: p.data(mx.cpu()) for p in model.collect_params().values()}
-    graph = json.loads(sym.tojson())
-    nodes = graph["nodes"]
-    consumers: Dict[int, List[int]] = {}
-    for i, node in enumerate(nodes):
-        for e in node["inputs"]:
-            consumers.setdefault(e[0], []).append(i)
-    for h in graph["heads"]:
-        consumers.setdefault(h[0], []).append(-1)
-
-    new_nodes: List[Dict[str, Any]] = []
-    remap: Dict[int, int] = {}          # old node -> its replacement (the layer's output)
-    new_params: Dict[str, mx.nd.NDArray] = {}
-    fused: Dict[int, int] = {}          # GELU node -> its dense layer
-
-    def ref(e):
-        return [remap[e[0]], e[1], 0]
-
-    def add(node: Dict[str, Any]) -> List[int]:
-        new_nodes.append(node)
-        return [len(new_nodes) - 1, 0, 0]
-
-    def var(name: str, value) -> List[int]:
-        new_params[name] = (value if isinstance(value, mx.nd.NDArray)
-                            else mx.nd.array(value, dtype=value.dtype))
-        return add({"op": "null", "name": name, "inputs": []})
-
-    for i, node in enumerate(nodes):
-        if i in fused:
-            remap[i] = remap[fused[i]]
-            continue
-        attrs = node.get("attrs", {})
-        weight = bias = None
-        if (node["op"] == "FullyConnected" and attrs.get("flatten") == "False"
-                and not any(m in node["name"] for m in exclude_layers_match)):
-            weight = _constant(sym, node["inputs"][1], nodes, params)
-            if attrs.get("no_bias", "False") != "True":
-                bias = _constant(sym, node["inputs"][2], nodes, params)
-                if bias is None:
-                    weight = None
-        if weight is None:
-            remap[i] = add(dict(node, inputs=[ref(e) for e in node["inputs"]]))[0]
-            continue
-        w = weight.asnumpy()
-        b = bias.asnumpy() if bias is not None else np.zeros(w.shape[0], np.float32)
-        users = consumers.get(i, [])
-        act = "none"
-        if fuse_gelu and len(users) == 1 and users[0] >= 0:
-            user = nodes[users[0]]
-            if user["op"] == "LeakyReLU" and user.get("attrs", {}).get("act_type") == "gelu":
-                act = "gelu"
-                fused[users[0]] = i
-        remap[i] = emit(node["name"], ref(node["inputs"][0]), w, b.astype(np.float32), act,
-                        var, add)[0]
-    graph = {"nodes": new_nodes, "heads": [ref(h) for h in graph["heads"]],
-             "arg_nodes": [j for j, n in enumerate(new_nodes) if n["op"] == "null"],
-             "attrs": graph.get("attrs", {})}
-    new_sym = mx.sym.load_json(json.dumps(graph))
-    with warnings.catch_warnings():        # "cannot decide type" of the inputs: float32
-        warnings.simplefilter("ignore", UserWarning)
-        net = mx.gluon.SymbolBlock(new_sym, [mx.sym.var(f"data{i}") for i in range(num_inputs)])
-    values = dict(params, **new_params)
-    for p in net.collect_params().values():
-        value = values[p.name]
-        p.dtype = value.dtype
-        p.grad_req = "null"
-        p._load_init(value, mx.cpu())
-    net.hybridize(static_alloc=True, static_shape=True)
-    return net
-
-
 def quantize_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int = 3,
                           exclude_layers_match: Sequence[str] = ()) -> mx.gluon.SymbolBlock:
     """INT8 inference with bert_gluon's own operator: every position-wise dense layer of the
@@ -302,72 +217,111 @@ def quantize_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int = 3,
     if not ops.use_fast_ops():
         raise RuntimeError("quantize_dense_layers needs bert_gluon's compiled CPU operators "
                            "(see bert_gluon.ops): " + str(ops._state.get("error")))
+    import json
 
-    def emit(name, x, w, b, act, var, add):
+    inputs = [mx.sym.var(f"data{i}") for i in range(num_inputs)]
+    out = model(*inputs)
+    sym = mx.sym.Group(list(out)) if isinstance(out, (tuple, list)) else out
+    params = {p.name: p.data(mx.cpu()) for p in model.collect_params().values()}
+    graph = json.loads(sym.tojson())
+    nodes = graph["nodes"]
+    consumers: Dict[int, List[int]] = {}
+    for i, node in enumerate(nodes):
+        for e in node["inputs"]:
+            consumers.setdefault(e[0], []).append(i)
+    for h in graph["heads"]:
+        consumers.setdefault(h[0], []).append(-1)
+
+    new_nodes: List[Dict[str, Any]] = []
+    remap: Dict[int, int] = {}
+    new_params: Dict[str, mx.nd.NDArray] = {}
+    fused: Dict[int, int] = {}          # GELU node -> its dense layer
+
+    def ref(e):
+        return [remap[e[0]], e[1], 0]
+
+    def var(name: str, value: np.ndarray) -> List[int]:
+        new_nodes.append({"op": "null", "name": name, "inputs": []})
+        new_params[name] = mx.nd.array(value, dtype=value.dtype)
+        return [len(new_nodes) - 1, 0, 0]
+
+    for i, node in enumerate(nodes):
+        if i in fused:
+            remap[i] = remap[fused[i]]
+            continue
+        attrs = node.get("attrs", {})
+        weight = bias = None
+        if (node["op"] == "FullyConnected" and attrs.get("flatten") == "False"
+                and not any(m in node["name"] for m in exclude_layers_match)):
+            weight = _constant(sym, node["inputs"][1], nodes, params)
+            if attrs.get("no_bias", "False") != "True":
+                bias = _constant(sym, node["inputs"][2], nodes, params)
+                if bias is None:
+                    weight = None
+        if weight is None:
+            new_nodes.append(dict(node, inputs=[ref(e) for e in node["inputs"]]))
+            remap[i] = len(new_nodes) - 1
+            continue
+        w = weight.asnumpy()
         packed, scale = pack_int8_weight(w)
-        name = name + "_int8"
-        return add({"op": "bg_int8_dense", "name": name,
-                    "inputs": [x, var(name + "_weight", packed),
-                               var(name + "_weight_scale", scale), var(name + "_bias", b)],
-                    "attrs": {"num_hidden": str(w.shape[0]), "in_units": str(w.shape[1]),
-                              "act": act}})
-
-    return _rewrite_dense_layers(model, num_inputs, exclude_layers_match, emit, fuse_gelu=True)
-
-
-def bf16_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int = 3,
-                      exclude_layers_match: Sequence[str] = ()) -> mx.gluon.SymbolBlock:
-    """bfloat16 inference: the same position-wise dense layers as
-    :func:`quantize_dense_layers` run as MXNet's ``FullyConnected`` on bfloat16 weights and
-    inputs (oneDNN's ``avx512_core_bf16`` kernels: AMD Zen 4, Intel Cooper Lake and later), their
-    inputs cast to bfloat16 and outputs back to float32; everything else stays float32.
-    bfloat16 keeps float32's exponent range, so nothing is calibrated or scaled.
-
-    Worth it only where the CPU has AVX-512 BF16 (:func:`fast_bf16`): on other AVX-512 CPUs
-    oneDNN emulates it (2.5x slower than float32 on a 384 -> 1536 layer), and without
-    AVX-512 it has no bfloat16 kernel at all (:func:`bf16_supported` is False and this raises
-    ``RuntimeError``). Same arguments as :func:`quantize_dense_layers`."""
-    if not bf16_supported():
-        raise RuntimeError("MXNet's oneDNN cannot run bfloat16 FullyConnected on this CPU "
-                           "(it needs AVX-512): " + str(_bf16_state.get("error")))
-
-    def emit(name, x, w, b, act, var, add):
-        name = name + "_bf16"
-        cast = lambda value: mx.nd.amp_cast(mx.nd.array(value), dtype=BFLOAT16)
-        xb = add({"op": "amp_cast", "name": name + "_in", "inputs": [x],
-                  "attrs": {"dtype": "bfloat16"}})
-        y = add({"op": "FullyConnected", "name": name,
-                 "inputs": [xb, var(name + "_weight", cast(w)), var(name + "_bias", cast(b))],
-                 "attrs": {"num_hidden": str(w.shape[0]), "flatten": "False"}})
-        return add({"op": "amp_cast", "name": name + "_out", "inputs": [y],
-                    "attrs": {"dtype": "float32"}})
-
-    return _rewrite_dense_layers(model, num_inputs, exclude_layers_match, emit, fuse_gelu=False)
+        b = bias.asnumpy() if bias is not None else np.zeros(w.shape[0], np.float32)
+        users = consumers.get(i, [])
+        act = "none"
+        if len(users) == 1 and users[0] >= 0:
+            user = nodes[users[0]]
+            if user["op"] == "LeakyReLU" and user.get("attrs", {}).get("act_type") == "gelu":
+                act = "gelu"
+                fused[users[0]] = i
+        name = node["name"] + "_int8"
+        entries = [ref(node["inputs"][0]), var(name + "_weight", packed),
+                   var(name + "_weight_scale", scale), var(name + "_bias", b.astype(np.float32))]
+        new_nodes.append({"op": "bg_int8_dense", "name": name, "inputs": entries,
+                          "attrs": {"num_hidden": str(w.shape[0]), "in_units": str(w.shape[1]),
+                                    "act": act}})
+        remap[i] = len(new_nodes) - 1
+    graph = {"nodes": new_nodes, "heads": [ref(h) for h in graph["heads"]],
+             "arg_nodes": [j for j, n in enumerate(new_nodes) if n["op"] == "null"],
+             "attrs": graph.get("attrs", {})}
+    qsym = mx.sym.load_json(json.dumps(graph))
+    with warnings.catch_warnings():        # "cannot decide type" of the inputs: float32
+        warnings.simplefilter("ignore", UserWarning)
+        net = mx.gluon.SymbolBlock(qsym, [mx.sym.var(f"data{i}") for i in range(num_inputs)])
+    values = dict(params, **new_params)
+    for p in net.collect_params().values():
+        value = values[p.name]
+        p.dtype = value.dtype
+        p.grad_req = "null"                 # inference only: bg_int8_dense has no gradient
+        p._load_init(value, mx.cpu())
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
 
 
-_bf16_state: Dict[str, Any] = {}
+def bf16_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int = 3) -> mx.gluon.SymbolBlock:
+    """bfloat16 inference: ``model`` traced with its encoder's dense layers in bfloat16
+    (:func:`bert_gluon.layers.set_dense_dtype`: the fused Q/K/V projection, the attention output
+    and both feed-forward layers run as ``FullyConnected`` on bfloat16 casts of their inputs and
+    weights, oneDNN's AVX-512 BF16 kernels, their outputs cast back to float32), as a
+    ``SymbolBlock`` sharing ``model``'s float32 parameters. Nothing to calibrate: bfloat16 keeps
+    float32's exponent range. ``model`` itself stays float32.
 
+    Worth it only where the CPU has AVX-512 BF16 (:func:`bert_gluon.runtime.fast_bf16`): on
+    other AVX-512 CPUs oneDNN emulates it (2.5x slower than float32 on a 384 -> 1536 layer), and
+    without AVX-512 it has no bfloat16 kernel at all (``bf16_supported()`` is False and this
+    raises ``RuntimeError``)."""
+    from .layers import set_dense_dtype
 
-def bf16_supported() -> bool:
-    """Whether MXNet runs a bfloat16 ``FullyConnected`` here (tried once on a tiny input)."""
-    if "ok" not in _bf16_state:
-        try:
-            x = mx.nd.amp_cast(mx.nd.ones((2, 4)), dtype=BFLOAT16)
-            y = mx.nd.FullyConnected(x, x, num_hidden=2, no_bias=True)
-            _bf16_state["ok"] = float(mx.nd.amp_cast(y, dtype="float32")[0, 0].asscalar()) == 4.0
-            if not _bf16_state["ok"]:
-                _bf16_state["error"] = "wrong result of a 2 x 4 product"
-        except mx.MXNetError as e:
-            _bf16_state.update(ok=False, error=str(e).strip().splitlines()[-1])
-    return _bf16_state["ok"]
-
-
-def fast_bf16() -> bool:
-    """Whether the CPU computes bfloat16 dot products natively (AVX-512 BF16), where
-    :func:`bf16_dense_layers` pays."""
-    from . import ops
-
-    return b" avx512_bf16" in ops._cpu_flags()
+    require_bf16()
+    inputs = [mx.sym.var(f"data{i}") for i in range(num_inputs)]
+    set_dense_dtype(model, "bfloat16")
+    try:
+        out = model(*inputs)
+    finally:
+        set_dense_dtype(model, "float32")
+    with warnings.catch_warnings():        # "cannot decide type" of the inputs: float32
+        warnings.simplefilter("ignore", UserWarning)
+        net = mx.gluon.SymbolBlock(out, inputs, params=model.collect_params())
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
 
 
 def quantize_classifier(model: mx.gluon.HybridBlock, calib_data: Optional[Iterable] = None,

@@ -47,6 +47,8 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     isa = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
                                    ("amx_tile", "AMX"), ("avx2", "AVX2"), ("fma", "FMA"))
            if flag in flags]
+    if "avx512_bf16" in flags:
+        isa.insert(isa.index("VNNI") + 1 if "VNNI" in isa else 1, "BF16")
     if "AVX-512" in isa:
         isa = [n for n in isa if n not in ("AVX2", "FMA")]
     return f"{fields.get('model name', 'unknown')} ({', '.join(isa) or 'no AVX2'})"
@@ -82,3 +84,46 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     mx.random.seed(seed)
+
+
+# how MXNet's Python side spells bfloat16 (``mx.nd.amp_cast(x, dtype=BFLOAT16)``)
+BFLOAT16 = __import__("numpy").dtype([("bfloat16", "<u2")])
+_BF16: dict = {}
+
+
+def bf16_supported() -> bool:
+    """Whether MXNet runs a bfloat16 ``FullyConnected`` on this CPU (tried once on a tiny
+    input). oneDNN needs AVX-512 for it; without AVX-512 BF16 (:func:`fast_bf16`) it emulates
+    bfloat16, slower than float32."""
+    if "ok" not in _BF16:
+        import mxnet as mx
+
+        try:
+            x = mx.nd.amp_cast(mx.nd.ones((2, 4)), dtype=BFLOAT16)
+            y = mx.nd.amp_cast(mx.nd.FullyConnected(x, x, num_hidden=2, no_bias=True),
+                               dtype="float32")
+            _BF16["ok"] = float(y[0, 0].asscalar()) == 4.0
+            if not _BF16["ok"]:
+                _BF16["error"] = "wrong result of a 2 x 4 product"
+        except mx.MXNetError as e:
+            _BF16.update(ok=False, error=str(e).strip().splitlines()[-1])
+    return _BF16["ok"]
+
+
+def require_bf16() -> None:
+    """Raise ``RuntimeError`` saying why where :func:`bf16_supported` is False; warn where
+    bfloat16 runs but only emulated (no :func:`fast_bf16`), slower than float32."""
+    if not bf16_supported():
+        raise RuntimeError("MXNet's oneDNN cannot run bfloat16 FullyConnected on this CPU "
+                           "(it needs AVX-512): " + str(_BF16.get("error")))
+    if not fast_bf16():
+        import warnings
+
+        warnings.warn("this CPU has no AVX-512 BF16 instructions: oneDNN emulates bfloat16 "
+                      "here, slower than float32")
+
+
+def fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes bfloat16 dot products natively (AVX-512 BF16: AMD Zen 4,
+    Intel Cooper Lake and later), where bfloat16 dense layers pay."""
+    return "BF16" in cpu_description(cpuinfo)

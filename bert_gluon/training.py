@@ -35,7 +35,8 @@ from .runtime import seed_everything
 
 __all__ = ["OPTIMIZERS", "no_weight_decay", "create_trainer", "WarmupLinearSchedule",
            "trainable_params", "set_grad_accumulation", "zero_grad", "clip_gradients",
-           "optimizer_step", "backward", "enable_amp", "amp_init_trainer", "seed_everything",
+           "optimizer_step", "backward", "enable_amp", "amp_init_trainer", "enable_bf16",
+           "seed_everything",
            "get_rng_state", "set_rng_state", "save_training_state", "load_training_state"]
 
 
@@ -221,6 +222,20 @@ def enable_amp(ctx: mx.Context) -> bool:
     amp.init()
     _AMP["on"] = True
     return True
+
+
+def enable_bf16(model: gluon.HybridBlock, ctx: mx.Context) -> None:
+    """Mixed precision on CPU: ``model``'s encoder dense layers compute in bfloat16, its
+    parameters, gradients and optimizer stay float32 (:func:`bert_gluon.layers.set_dense_dtype`).
+    bfloat16 has float32's exponent range, so no loss scaling. Pays where the CPU has AVX-512
+    BF16 (warns otherwise); a ``RuntimeError`` where oneDNN cannot run bfloat16 at all."""
+    from .layers import set_dense_dtype
+    from .runtime import require_bf16
+
+    if ctx.device_type != "cpu":
+        raise ValueError(f"bf16 is the CPU's mixed precision; on {ctx} use fp16 AMP")
+    require_bf16()
+    set_dense_dtype(model, "bfloat16")
 
 
 def amp_init_trainer(trainer: gluon.Trainer) -> None:

@@ -87,7 +87,7 @@ def test_finetune_evaluate_predict_minilm(tmp_path, capsys):
 
     # --bf16: the encoder's dense layers in bfloat16 give the fp32 labels and nearly its
     # probabilities; where MXNet cannot run bfloat16 here, the error says so
-    from bert_gluon.quantization import bf16_supported
+    from bert_gluon.runtime import bf16_supported
 
     preds16 = tmp_path / "preds16.tsv"
     args16 = ["evaluate", str(out / "best"), "--file", str(dev64), "--predictions",

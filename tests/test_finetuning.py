@@ -182,3 +182,27 @@ def test_mismatched_checkpoint_says_so(reference_run, tmp_path):
     (broken / "vocab.txt").write_text("\n".join(lines[:-5]) + "\n", encoding="utf-8")
     with pytest.raises(CheckpointError, match="vocab"):
         finetuning.evaluate(str(broken), data_dir=MRPC, ctx=mx.cpu())
+
+
+def test_bf16_finetuning_follows_float32(reference_run, tiny_model, tmp_path):
+    """``bf16=True`` (the encoder's dense layers in bfloat16, float32 weights): the same run's
+    losses to bfloat16 precision, and a float32 checkpoint. Where oneDNN has no bfloat16
+    kernel the run stops at once with an error that says so."""
+    from bert_gluon.runtime import bf16_supported
+
+    out, summary = reference_run
+    args = args_for(tiny_model, tmp_path / "bf16", bf16=True)
+    if not bf16_supported():
+        with pytest.raises(RuntimeError, match="bfloat16"):
+            finetune(args, ctx=mx.cpu())
+        return
+    finetune(args, ctx=mx.cpu())
+    ref = [r["loss"] for r in records(out, "train")]
+    low = [r["loss"] for r in records(tmp_path / "bf16", "train")]
+    assert len(low) == len(ref) and low != ref
+    # the first loss comes before any update: only bfloat16 rounding separates them
+    assert low[0] == pytest.approx(ref[0], rel=5e-3)
+    np.testing.assert_allclose(low, ref, rtol=0.05)
+    a = params_of(os.path.join(out, "last", "model.params"))
+    b = params_of(str(tmp_path / "bf16" / "last" / "model.params"))
+    assert all(v.dtype == np.float32 for v in b.values()) and a.keys() == b.keys()

@@ -108,3 +108,55 @@ def test_dropout_only_in_training(ctx):
 def test_attention_rejects_bad_head_count():
     with pytest.raises(ValueError, match="divisible"):
         MultiHeadAttention(10, 3)
+
+
+def test_bf16_dense_layers_train_like_float32():
+    """set_dense_dtype(..., "bfloat16"): every encoder dense layer computes on bfloat16 casts
+    (the graph), the loss and each parameter's gradient match float32 to bfloat16 precision,
+    and switching back to "float32" gives float32's numbers exactly."""
+    from mxnet import gluon
+
+    from bert_gluon import BERTClassifier, BERTConfig
+    from bert_gluon.layers import set_dense_dtype
+    from bert_gluon.runtime import bf16_supported
+
+    if not bf16_supported():
+        pytest.skip("MXNet's oneDNN runs no bfloat16 FullyConnected on this CPU")
+    cfg = BERTConfig.preset("tiny", dropout=0.0, attention_dropout=0.0)
+    mx.random.seed(3)
+    net = BERTClassifier(cfg, num_classes=2)
+    net.initialize(mx.init.Normal(0.1))
+    net.hybridize(static_alloc=True)
+    r = np.random.RandomState(0)
+    words = nd.array(r.randint(5, cfg.vocab_size, (8, 12)))
+    segments, valid = nd.zeros((8, 12)), nd.array(r.randint(4, 13, 8))
+    labels = nd.array(r.randint(0, 2, 8))
+    params = {n: p for n, p in net.collect_params().items() if p.grad_req != "null"}
+
+    def loss_and_grads():
+        with autograd.record():
+            loss = gluon.loss.SoftmaxCELoss()(net(words, segments, valid), labels).mean()
+        loss.backward()
+        return float(loss.asscalar()), {n: p.grad().asnumpy().copy() for n, p in params.items()}
+
+    loss32, grads32 = loss_and_grads()
+    set_dense_dtype(net, "bfloat16")
+    loss16, grads16 = loss_and_grads()
+    nodes = net._cached_graph[1].tojson(remove_amp_cast=False)
+    # per layer 4 dense layers, each with 3 casts in (x, W, b) and one out
+    assert nodes.count('"op": "amp_cast"') == 4 * 4 * cfg.num_layers
+    assert loss16 != loss32 and loss16 == pytest.approx(loss32, rel=5e-3)
+    largest = max(np.abs(g).max() for g in grads32.values())
+    for name, g in grads32.items():
+        g16 = grads16[name]
+        if name.endswith("key_bias"):   # zero in exact arithmetic: softmax ignores q.b_k
+            assert np.abs(g16).max() < 1e-6 * largest, name
+            continue
+        assert np.abs(g16 - g).max() <= 0.03 * np.abs(g).max(), name
+    set_dense_dtype(net, "float32")
+    again, grads = loss_and_grads()
+    assert again == loss32
+    for name, g in grads32.items():
+        np.testing.assert_array_equal(grads[name], g)
+    with pytest.raises(ValueError, match="float16"):
+        set_dense_dtype(net, "float16")

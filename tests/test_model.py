@@ -10,7 +10,7 @@ from mxnet import autograd, nd
 
 from bert_gluon import (BERTClassifier, BERTConfig, BERTEncoder, BERTForPretraining, BERTModel,
                         MLMDecoder, NSClassifier, PRESETS, Pooler)
-from bert_gluon.runtime import cpu_description, physical_cores
+from bert_gluon.runtime import cpu_description, fast_bf16, physical_cores
 from np_reference import init_nontrivial, numpy_params, erf_gelu, layer_norm, np_bert_encoder
 
 CFG = BERTConfig(vocab_size=50, units=16, hidden_size=32, num_heads=4, num_layers=2,
@@ -273,7 +273,11 @@ def test_cpu_description_names_model_and_vector_isa(tmp_path):
     assert describe("AMD EPYC", "fpu sse2 avx fma avx2 bmi2") == "AMD EPYC (AVX2, FMA)"
     assert (describe("Intel(R) Xeon(R) Platinum", "avx2 fma avx512f avx512_vnni amx_tile")
             == "Intel(R) Xeon(R) Platinum (AVX-512, VNNI, AMX)")
+    assert (describe("AMD EPYC", "avx2 fma avx512f avx512_vnni avx512_bf16")
+            == "AMD EPYC (AVX-512, VNNI, BF16)")
+    assert fast_bf16(str(tmp_path / "cpuinfo"))
     assert describe("Old CPU", "fpu sse2") == "Old CPU (no AVX2)"
+    assert not fast_bf16(str(tmp_path / "cpuinfo"))
     assert cpu_description(str(tmp_path / "missing")) == "unknown"
 
 

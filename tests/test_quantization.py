@@ -19,7 +19,8 @@ import pytest
 import bert_gluon  # noqa: F401
 from bert_gluon import BERTClassifier, BERTConfig
 from bert_gluon import ops
-from bert_gluon.quantization import (bf16_dense_layers, bf16_supported, pack_int8_weight,
+from bert_gluon.runtime import bf16_supported
+from bert_gluon.quantization import (bf16_dense_layers, pack_int8_weight,
                                     quantize_classifier, quantize_dense_layers,
                                     resolve_backend)
 
@@ -326,17 +327,16 @@ def test_bf16_graph_casts_every_encoder_dense_layer(bf16_models):
     net, bnet = bf16_models
     nodes = json.loads(bnet._cached_graph[1].tojson(remove_amp_cast=False))["nodes"]
     fc = [n["name"] for n in nodes if n["op"] == "FullyConnected"]
-    bf16_fc = [name for name in fc if name.endswith("_bf16")]
-    # qkv, attention output, ffn1, ffn2 per layer; pooler and output stay fp32
-    assert len(bf16_fc) == 4 * CFG.num_layers and len(fc) == len(bf16_fc) + 2
     casts = [n for n in nodes if n["op"] == "amp_cast"]
-    assert len(casts) == 2 * len(bf16_fc)
-    assert sum(n["attrs"]["dtype"] == "bfloat16" for n in casts) == len(bf16_fc)
-    params = bnet.collect_params()
-    low = [p for p in params.values() if p.dtype != np.float32]
-    assert len(low) == 2 * len(bf16_fc)                 # weight and bias of each
-    assert all(p.grad_req == "null" for p in params.values())
-
+    # qkv, attention output, ffn1, ffn2 per layer, each with its input, weight and bias cast
+    # to bfloat16 and its output back; pooler and output stay float32
+    assert len(fc) == 4 * CFG.num_layers + 2
+    assert sum(n["attrs"]["dtype"] == "bfloat16" for n in casts) == 3 * 4 * CFG.num_layers
+    assert sum(n["attrs"]["dtype"] == "float32" for n in casts) == 4 * CFG.num_layers
+    # the model's own float32 parameters, shared; the model itself is still float32
+    assert set(bnet.collect_params().values()) <= set(net.collect_params().values())
+    _run(net, *_batch(4, 0))
+    assert '"amp_cast"' not in net._cached_graph[1].tojson(remove_amp_cast=False)
 
 
 def test_bf16_without_avx512_is_a_clear_error():
@@ -344,7 +344,8 @@ def test_bf16_without_avx512_is_a_clear_error():
     kernel: bf16_supported() says so and bf16_dense_layers raises a RuntimeError naming it."""
     code = ("import bert_gluon, mxnet as mx\n"
             "from bert_gluon import BERTClassifier, BERTConfig\n"
-            "from bert_gluon.quantization import bf16_dense_layers, bf16_supported\n"
+            "from bert_gluon.quantization import bf16_dense_layers\n"
+            "from bert_gluon.runtime import bf16_supported\n"
             "net = BERTClassifier(BERTConfig.preset('tiny')); net.initialize()\n"
             "print('supported', bf16_supported())\n"
             "try:\n    bf16_dense_layers(net)\n"
