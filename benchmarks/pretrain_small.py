@@ -104,6 +104,8 @@ def main() -> None:
     p.add_argument("--eval-pairs", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam", "lamb"])
+    p.add_argument("--bf16", action="store_true",
+                   help="the encoder's dense layers in bfloat16 (CPUs with AVX-512 BF16)")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="decoupled weight decay of weight matrices and embeddings")
     p.add_argument("--preset", default="small", help="BERTConfig preset of the model")
@@ -180,7 +182,7 @@ def main() -> None:
     summary = pretrain(model, train, run_dir, eval_arrays=eval_small, tokenizer=tok,
                        batch_size=args.batch_size, total_steps=total_steps,
                        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
-                       optimizer=args.optimizer, weight_decay=args.weight_decay,
+                       optimizer=args.optimizer, weight_decay=args.weight_decay, bf16=args.bf16,
                        checkpoint_every=200, eval_every=200, log_every=20,
                        max_seconds=budget, progress=True)
     final = evaluate(model, eval_arrays, ctx=mx.cpu())
@@ -196,7 +198,7 @@ def main() -> None:
                  "dupe_factor": args.dupe_factor, "max_seq_length": args.seq_len,
                  "max_predictions_per_seq": args.max_predictions},
         "hyper": {"batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
-                  "optimizer": args.optimizer, "weight_decay": args.weight_decay, "seed": args.seed,
+                  "optimizer": args.optimizer, "weight_decay": args.weight_decay, "seed": args.seed, "bf16": args.bf16,
                   "total_steps_planned": total_steps, "minutes_budget": args.minutes},
         "steps": summary["steps"], "stopped": summary["stopped"],
         "train_seconds": round(summary["train_seconds"], 1),

@@ -238,6 +238,8 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--kvstore", default="device", help="'device', or 'dist_sync' for several "
                    "machines (launch: docs/pretraining.md)")
     p.add_argument("--fp16", action="store_true", help="AMP fp16 with loss scaling (GPU)")
+    p.add_argument("--bf16", action="store_true", help="CPU mixed precision: the encoder's "
+                   "dense layers in bfloat16 (fast with AVX-512 BF16)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 
@@ -281,7 +283,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         preset=args.preset, config_path=args.config_path, init_from=args.init_from,
         dynamic_masking=args.dynamic_masking, max_eval_pairs=args.max_eval_pairs,
         gpus=[int(g) for g in args.gpus.split(",")] if args.gpus else None, fp16=args.fp16,
-        seed=args.seed, batch_size=args.batch_size, accumulate=args.accumulate,
+        bf16=args.bf16, seed=args.seed, batch_size=args.batch_size, accumulate=args.accumulate,
         total_steps=args.total_steps, learning_rate=args.learning_rate,
         warmup_ratio=args.warmup_ratio, optimizer=args.optimizer,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,

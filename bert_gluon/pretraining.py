@@ -293,7 +293,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
              checkpoint_every: int = 500, eval_every: int = 0, log_every: int = 50,
              max_seconds: Optional[float] = None, stop_after: Optional[int] = None,
              resume: bool = False, ctx: Context = None, kvstore: Any = "device",
-             fp16: bool = False, progress: bool = True) -> Dict[str, Any]:
+             fp16: bool = False, bf16: bool = False,
+             progress: bool = True) -> Dict[str, Any]:
     """Train ``model`` (a :class:`BERTForPretraining`, initialised) on ``train_data``.
 
     One *step* is one optimizer update over ``accumulate`` micro-batches of ``batch_size``
@@ -311,9 +312,14 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     ``kvstore``: ``"device"`` for one machine (all contexts in ``ctx``), ``"dist_sync"`` for
     several (start the processes as in ``docs/pretraining.md``; each worker reads its own
     slice of the data and writes to ``output_dir/worker-<rank>``).
+    ``bf16``: the encoder's dense layers in bfloat16 on CPU (:func:`training.enable_bf16`).
     Returns a summary: steps, tokens/s, last training and evaluation metrics.
     """
     ctxs = _ctx_list(ctx)
+    if bf16:
+        if fp16:
+            raise ValueError("choose one of fp16 (GPU) and bf16 (CPU)")
+        training.enable_bf16(model, ctxs[0])
     distributed = isinstance(kvstore, str) and kvstore.startswith("dist")
     kv = mx.kv.create(kvstore) if distributed else kvstore
     rank, num_workers = (kv.rank, kv.num_workers) if not isinstance(kv, str) else (0, 1)
@@ -467,7 +473,7 @@ def run_pretraining(data: str, output_dir: str, *, eval_data: Optional[str] = No
                     config_path: Optional[str] = None, init_from: Optional[str] = None,
                     dynamic_masking: bool = False, max_eval_pairs: int = 2048,
                     gpus: Optional[Sequence[int]] = None, fp16: bool = False,
-                    seed: int = 0, **train_kwargs: Any) -> Dict[str, Any]:
+                    bf16: bool = False, seed: int = 0, **train_kwargs: Any) -> Dict[str, Any]:
     """Everything ``bert-gluon pretrain`` does: load the tokenizer and the static data folder
     (``create-pretraining-data``), build the model (``preset``/``config_path`` from scratch,
     or ``init_from`` a pretrained checkpoint), then :func:`pretrain` (``train_kwargs``)."""
@@ -496,7 +502,7 @@ def run_pretraining(data: str, output_dir: str, *, eval_data: Optional[str] = No
         eval_all, _ = load_shards(eval_data)
         eval_arrays = {k: v[:max_eval_pairs] for k, v in eval_all.items()}
     return pretrain(model, train, output_dir, eval_arrays=eval_arrays, tokenizer=tokenizer,
-                    seed=seed, ctx=ctxs, fp16=fp16, **train_kwargs)
+                    seed=seed, ctx=ctxs, fp16=fp16, bf16=bf16, **train_kwargs)
 
 
 def default_vocab() -> str:
