@@ -16,8 +16,8 @@
 5. The ceiling: the model's dense layers alone (its four GEMM shapes at 32 x 128 rows), fp32
    ``FullyConnected`` against each backend's kernel (oneDNN's ``quantized_fully_connected``
    on int8 data; ``bg_int8_dense`` on float32 data, its own quantization included;
-   ``FullyConnected`` on bfloat16 with the casts in and out), alternating. Their share of the fp32 pass and their INT8 speed-up
-   bound the whole pass (Amdahl), if nothing else got faster.
+   ``FullyConnected`` on bfloat16 with the casts in and out), alternating. Their share of the
+   fp32 pass and their speed-up bound the whole pass (Amdahl), if nothing else got faster.
 
 Writes ``benchmarks/results/int8_<time>.json`` and prints one table.
 """

@@ -167,12 +167,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .finetuning import predict, predict_file
 
-    int8 = dict(int8=args.int8, calib_file=args.calib_file, data_dir=args.data_dir,
-                int8_backend=args.int8_backend, bf16=args.bf16)
+    precision = dict(int8=args.int8, calib_file=args.calib_file, data_dir=args.data_dir,
+                     int8_backend=args.int8_backend, bf16=args.bf16)
     if args.file:
-        rows = predict_file(args.checkpoint, args.file, args.output, args.text_columns, **int8)
+        rows = predict_file(args.checkpoint, args.file, args.output, args.text_columns,
+                            **precision)
     elif args.sentences:
-        rows = predict(args.checkpoint, [tuple(args.sentences)], **int8)
+        rows = predict(args.checkpoint, [tuple(args.sentences)], **precision)
     else:
         print("predict: give sentences or --file", file=sys.stderr)
         return 2

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np      # not mxnet: it must be imported after configure_threads
+
 
 def physical_cores() -> int:
     """Number of physical cores this process may run on (hyper-threads counted once)."""
@@ -79,7 +81,6 @@ def seed_everything(seed: int) -> None:
     import random
 
     import mxnet as mx
-    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed)
@@ -87,7 +88,7 @@ def seed_everything(seed: int) -> None:
 
 
 # how MXNet's Python side spells bfloat16 (``mx.nd.amp_cast(x, dtype=BFLOAT16)``)
-BFLOAT16 = __import__("numpy").dtype([("bfloat16", "<u2")])
+BFLOAT16 = np.dtype([("bfloat16", np.uint16)])
 _BF16: dict = {}
 
 
