@@ -180,8 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             model, tokenizer, dict(meta, task=task), data_dir=args.data_dir, backend=be,
             **options))
         quantize_s[be] = time.perf_counter() - t
-    int8_names = list(args.backends)          # bf16 included: the low-precision variants
-    title = {be: be if be == "bf16" else "int8 " + be for be in int8_names}
+    low_names = list(args.backends)           # the low-precision variants: INT8 and bf16
+    title = {be: be if be == "bf16" else "int8 " + be for be in low_names}
 
     dev = transform_examples(load_task(task, "dev", args.data_dir), transform, "dev")
     gold = np.array([int(s[3]) for s in dev])
@@ -192,14 +192,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                     "cpu": bert_gluon.runtime.cpu_description(),
                     "load_avg_at_start": os.getloadavg(), "calib_examples": args.calib_examples,
                     "calib_mode": args.calib_mode, "granularity": args.granularity,
-                    "backends": int8_names, "quantize_seconds": quantize_s,
+                    "backends": low_names, "quantize_seconds": quantize_s,
                     "dev_examples": len(dev), "metrics": {}, "agreement": {}, "speed": {}}
     preds = {}
     for name, net in nets.items():
         scores = predict_scores(net, dev, tokenizer.pad_id, ctx, args.batch_size)
         result["metrics"][name] = classification_metrics(gold, scores.argmax(1))
         preds[name] = scores.argmax(1)
-    for name in int8_names:
+    for name in low_names:
         result["agreement"][name] = float((preds[name] == preds["fp32"]).mean())
 
     rng = np.random.RandomState(0)
@@ -218,14 +218,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         times = time_alternating(fns, args.repeats)
         result["speed"][wname] = {n: {"times_s": ts, "seq_per_s": nseq / statistics.median(ts)}
                                   for n, ts in times.items()}
-        for name in int8_names:
+        for name in low_names:
             r = result["speed"][wname]
             r[name]["over_fp32"] = r[name]["seq_per_s"] / r["fp32"]["seq_per_s"]
     if args.speed:
-        ceiling = dense_layer_ceiling(model.config, 32 * 128, max(args.repeats, 5), int8_names)
+        ceiling = dense_layer_ceiling(model.config, 32 * 128, max(args.repeats, 5), low_names)
         fp32_pass = 1.0 / result["speed"]["batch 32 x 128"]["fp32"]["seq_per_s"] * 32
         ceiling["share_of_fp32_pass"] = ceiling["fp32_s"] / fp32_pass
-        for name in int8_names:
+        for name in low_names:
             ceiling[name]["bound_over_fp32"] = fp32_pass / (
                 fp32_pass - ceiling["fp32_s"] + ceiling[name]["seconds"])
         result["dense_layers_32x128"] = ceiling
@@ -233,23 +233,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
     how = ", ".join(f"{be} {quantize_s[be]:.1f} s" + (
         f" (calibrated on {args.calib_examples} train pairs, {args.calib_mode}, "
-        f"{args.granularity})" if be == "onednn" else "") for be in int8_names)
+        f"{args.granularity})" if be == "onednn" else "") for be in low_names)
     print(f"checkpoint {result['checkpoint']}  ({task} dev, {len(dev)} examples; quantized: "
           f"{how})")
-    print(f"{'':22s} {'fp32':>10s}" + "".join(f" {title[be]:>22s}" for be in int8_names))
+    print(f"{'':22s} {'fp32':>10s}" + "".join(f" {title[be]:>22s}" for be in low_names))
     for m in ("accuracy", "f1"):
         print(f"{'dev ' + m:22s} {result['metrics']['fp32'][m]:10.4f}"
-              + "".join(f" {result['metrics'][be][m]:22.4f}" for be in int8_names))
+              + "".join(f" {result['metrics'][be][m]:22.4f}" for be in low_names))
     print(f"{'same prediction':22s} {'':10s}"
-          + "".join(f" {result['agreement'][be]:22.4f}" for be in int8_names))
+          + "".join(f" {result['agreement'][be]:22.4f}" for be in low_names))
     for wname, r in result["speed"].items():
         print(f"{wname + ' seq/s':22s} {r['fp32']['seq_per_s']:10.2f}" + "".join(
-            f" {r[be]['seq_per_s']:14.2f} (x{r[be]['over_fp32']:.2f})" for be in int8_names))
+            f" {r[be]['seq_per_s']:14.2f} (x{r[be]['over_fp32']:.2f})" for be in low_names))
     if "dense_layers_32x128" in result:
         c = result["dense_layers_32x128"]
         print(f"dense layers alone at 32 x 128: {100 * c['share_of_fp32_pass']:.0f} % of the "
               f"fp32 pass")
-        for be in int8_names:
+        for be in low_names:
             shapes = ", ".join(f"{k} x{v:.2f}"
                                for k, v in c[be]["over_fp32_per_shape"].items())
             kind = "bf16" if be == "bf16" else "INT8"

@@ -27,6 +27,7 @@ import bench_encoder as B  # noqa: E402  (imports bert_gluon: all cores for Open
 import mxnet as mx  # noqa: E402
 
 from bert_gluon import BERTConfig  # noqa: E402
+from bert_gluon.fileio import write_json  # noqa: E402
 
 
 def profile(net, cfg: BERTConfig, batches, passes: int) -> dict:
@@ -103,8 +104,7 @@ def main() -> None:
                   hybridization_seq_per_s=seq_per_s,
                   omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)          # atomic, as every result file
 
 
 if __name__ == "__main__":
