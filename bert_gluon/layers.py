@@ -51,21 +51,25 @@ class Dense(nn.Dense):
         return dense(F, x, weight, bias, self._units, self.compute_dtype, name="fwd")
 
 
-def set_dense_dtype(block: HybridBlock, dtype: str) -> None:
+def set_dense_dtype(block: HybridBlock, dtype: str) -> str:
     """Compute the encoder's dense layers inside ``block`` -- every layer's fused Q/K/V
     projection, attention output and both feed-forward layers, ~90 % of the work -- in
     ``dtype``: ``"bfloat16"`` (mixed precision on CPUs with AVX-512 BF16, see
     :func:`bert_gluon.runtime.fast_bf16`) or ``"float32"``. Embeddings, attention scores,
-    LayerNorm, pooler and heads stay float32; cached graphs are rebuilt on the next call."""
+    LayerNorm, pooler and heads stay float32; cached graphs are rebuilt on the next call.
+    Returns the dtype they had before (``"float32"`` for a block without such layers)."""
     if dtype not in DENSE_DTYPES:
         raise ValueError(f"dense-layer dtype must be one of {DENSE_DTYPES}, got {dtype!r}")
+    before = []
 
     def visit(b):
         if isinstance(b, (Dense, MultiHeadAttention)):
+            before.append(b.compute_dtype)
             b.compute_dtype = dtype
         b._clear_cached_op()
 
     block.apply(visit)
+    return before[0] if before else "float32"
 
 
 class OptionalArgsBlock(HybridBlock):

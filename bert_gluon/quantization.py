@@ -302,7 +302,7 @@ def bf16_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int = 3) -> mx.gl
     and both feed-forward layers run as ``FullyConnected`` on bfloat16 casts of their inputs and
     weights, oneDNN's AVX-512 BF16 kernels, their outputs cast back to float32), as a
     ``SymbolBlock`` sharing ``model``'s float32 parameters. Nothing to calibrate: bfloat16 keeps
-    float32's exponent range. ``model`` itself stays float32.
+    float32's exponent range. ``model`` itself keeps the precision it had.
 
     Worth it only where the CPU has AVX-512 BF16 (:func:`bert_gluon.runtime.fast_bf16`): on
     other AVX-512 CPUs oneDNN emulates it (2.5x slower than float32 on a 384 -> 1536 layer), and
@@ -312,11 +312,11 @@ def bf16_dense_layers(model: mx.gluon.HybridBlock, num_inputs: int = 3) -> mx.gl
 
     require_bf16()
     inputs = [mx.sym.var(f"data{i}") for i in range(num_inputs)]
-    set_dense_dtype(model, "bfloat16")
+    before = set_dense_dtype(model, "bfloat16")
     try:
         out = model(*inputs)
     finally:
-        set_dense_dtype(model, "float32")
+        set_dense_dtype(model, before)
     with warnings.catch_warnings():        # "cannot decide type" of the inputs: float32
         warnings.simplefilter("ignore", UserWarning)
         net = mx.gluon.SymbolBlock(out, inputs, params=model.collect_params())

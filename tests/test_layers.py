@@ -140,7 +140,7 @@ def test_bf16_dense_layers_train_like_float32():
         return float(loss.asscalar()), {n: p.grad().asnumpy().copy() for n, p in params.items()}
 
     loss32, grads32 = loss_and_grads()
-    set_dense_dtype(net, "bfloat16")
+    assert set_dense_dtype(net, "bfloat16") == "float32"
     loss16, grads16 = loss_and_grads()
     nodes = net._cached_graph[1].tojson(remove_amp_cast=False)
     # per layer 4 dense layers, each with 3 casts in (x, W, b) and one out
@@ -153,7 +153,7 @@ def test_bf16_dense_layers_train_like_float32():
             assert np.abs(g16).max() < 1e-6 * largest, name
             continue
         assert np.abs(g16 - g).max() <= 0.03 * np.abs(g).max(), name
-    set_dense_dtype(net, "float32")
+    assert set_dense_dtype(net, "float32") == "bfloat16"
     again, grads = loss_and_grads()
     assert again == loss32
     for name, g in grads32.items():

@@ -337,6 +337,12 @@ def test_bf16_graph_casts_every_encoder_dense_layer(bf16_models):
     assert set(bnet.collect_params().values()) <= set(net.collect_params().values())
     _run(net, *_batch(4, 0))
     assert '"amp_cast"' not in net._cached_graph[1].tojson(remove_amp_cast=False)
+    # a model training in bfloat16 (finetune --bf16) stays so
+    from bert_gluon.layers import set_dense_dtype
+
+    set_dense_dtype(net, "bfloat16")
+    bf16_dense_layers(net)
+    assert set_dense_dtype(net, "float32") == "bfloat16"
 
 
 def test_bf16_without_avx512_is_a_clear_error():
