@@ -11,7 +11,7 @@ from .config import PRESETS, BERTConfig  # noqa: E402
 from .layers import (AddNorm, EncoderBlock, MultiHeadAttention, PositionalEncoding,  # noqa: E402
                      PositionWiseFFN)
 from .model import (BERTClassifier, BERTEncoder, BERTForPretraining, BERTModel,  # noqa: E402
-                    MLMDecoder, NSClassifier, Pooler)
+                    MeanPooler, MLMDecoder, NSClassifier, Pooler)
 from .runtime import default_context, seed_everything  # noqa: E402
 
 __version__ = "0.1.0"

@@ -392,6 +392,17 @@ def _loaded_from(world: str, tensors: Dict[str, np.ndarray], config: BERTConfig,
     return _Loaded(config, tokenizer, state, source, weights_path, vocab_path, config_path,
                    naming=table)
 
+    cfg = _read_json(path)
+    modes = [k[len("pooling_mode_"):] for k, v in cfg.items()
+             if k.startswith("pooling_mode_") and v is True]
+    if modes == ["mean_tokens"]:
+        return "mean"
+    if modes == ["cls_token"]:
+        return "cls"
+    logger.info("%s: pooling %s is not one of ours (mean_tokens, cls_token); a classifier "
+                "will pool the [CLS] token", path, modes)
+    return None
+
 
 def load_hf_folder(directory: str) -> _Loaded:
     """Read a Hugging Face BERT folder (``config.json``, ``model.safetensors`` — or its
@@ -574,14 +585,14 @@ def _resolve(name_or_path: str, dataset_name: Optional[str], root: Optional[str]
 MODEL_CLASSES = ("BERTModel", "BERTForPretraining", "BERTClassifier")
 
 
-def _make_model(task: str, config: BERTConfig, num_classes: int, tie: bool):
+def _make_model(task: str, config: BERTConfig, num_classes: int, tie: bool, pooling: str):
     from .model import BERTClassifier, BERTForPretraining, BERTModel
 
     if task == "model":
         return BERTModel(config)
     if task == "pretraining":
         return BERTForPretraining(config, tie_weights=tie)
-    return BERTClassifier(config, num_classes=num_classes)
+    return BERTClassifier(config, num_classes=num_classes, pooling=pooling)
 
 
 def _model_params(model) -> Dict[str, Any]:
@@ -594,8 +605,11 @@ def _model_params(model) -> Dict[str, Any]:
     return out
 
 
-def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head: bool):
+def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head: bool,
+           pooling: Optional[str] = None):
     import mxnet as mx
+
+    from .model import POOLINGS
 
     config, state, where = src.config, dict(src.state), src.weights_path
 
@@ -624,15 +638,22 @@ def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head:
                                       f"{have} classes, {num_classes} were asked for; pass "
                                       f"fresh_head=True to start a new output layer")
     num_classes = num_classes or 2
+    pooling = pooling or src.meta.get("pooling") or "cls"
+    if pooling not in POOLINGS:
+        raise CheckpointError(f"{src.config_path}: pooling {pooling!r} is not one of {POOLINGS}")
     if fresh_head:
         for n in [n for n in state if _group(n) == "output"]:
             del state[n]
 
-    model = _make_model(task, config, num_classes, tie="mlm.output_weight" not in state)
+    model = _make_model(task, config, num_classes, tie="mlm.output_weight" not in state,
+                        pooling=pooling)
     params = _model_params(model)
     wanted_groups = {"encoder", *TASK_HEADS[task]}
+    if task == "classifier" and pooling == "mean":
+        wanted_groups.discard("pooler")         # MeanPooler has no parameters
     for name in [n for n in state if _group(n) not in wanted_groups]:
-        logger.info("%s: %s is not used by task=%r, skipped", where, src.source.get(name), task)
+        logger.info("%s: %s is not used by task=%r (pooling=%r), skipped", where,
+                    src.source.get(name), task, pooling)
         del state[name]
     # missing tensors: the encoder must be complete, a head all-or-nothing
     for group in sorted(wanted_groups):
@@ -674,8 +695,10 @@ def from_pretrained(name_or_path: str, task: str = "model", num_classes: Optiona
     ``task``: ``"model"`` → :class:`BERTModel`, ``"pretraining"`` → :class:`BERTForPretraining`
     (heads the checkpoint lacks are initialised fresh, with a logged warning), ``"classifier"``
     → :class:`BERTClassifier` (``num_classes`` defaults to the checkpoint's head, else 2;
-    ``fresh_head=True`` replaces a saved head). ``dropout=`` / ``attention_dropout=`` override
-    the checkpoint's rates. Returns ``(model, tokenizer)``; bad files raise
+    ``fresh_head=True`` replaces a saved head; ``pooling="cls"|"mean"``, see
+    :class:`BERTClassifier`: a folder written by :func:`save_pretrained` records its
+    classifier's, anything else pools ``[CLS]`` unless asked). ``dropout=`` /
+    ``attention_dropout=`` override the checkpoint's rates. Returns ``(model, tokenizer)``; bad files raise
     :class:`CheckpointError` before any parameter is set.
     """
     if task not in TASKS:
@@ -683,13 +706,16 @@ def from_pretrained(name_or_path: str, task: str = "model", num_classes: Optiona
     dataset_name = kwargs.pop("dataset_name", None)
     root = kwargs.pop("root", None)
     fresh_head = bool(kwargs.pop("fresh_head", False))
+    pooling = kwargs.pop("pooling", None)
+    if pooling is not None and task != "classifier":
+        raise ValueError(f"pooling= is for task='classifier', not {task!r}")
     overrides = {k: kwargs.pop(k) for k in CONFIG_OVERRIDES if k in kwargs}
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")
     src = _resolve(os.fspath(name_or_path), dataset_name, root)
     if overrides:
         src.config = src.config.replace(**overrides)
-    model = _build(src, task, num_classes, ctx, fresh_head)
+    model = _build(src, task, num_classes, ctx, fresh_head, pooling)
     model.meta = dict(src.meta)
     return model, src.tokenizer
 
@@ -707,14 +733,15 @@ def _model_class(model) -> str:
 def save_pretrained(model, tokenizer: Tokenizer, directory: str, **extra_meta: Any) -> str:
     """Write our checkpoint folder: ``model.params`` (Gluon ``save_parameters``),
     ``vocab.txt`` and ``config.json`` (config fields + ``model_class``, ``num_classes``,
-    ``lower`` and ``extra_meta`` such as class labels). Each file is written atomically,
+    ``lower``, ``pooling`` (a classifier's) and ``extra_meta`` such as class labels). Each file is written atomically,
     the config last, so a folder with a ``config.json`` is complete. Returns ``directory``."""
     cls = _model_class(model)
     config: BERTConfig = model.config
     if len(tokenizer) != config.vocab_size:
         raise CheckpointError(f"tokenizer has {len(tokenizer)} tokens, model vocab_size is "
                               f"{config.vocab_size}")
-    clash = set(extra_meta) & (set(config.to_dict()) | {"model_class", "num_classes", "lower"})
+    clash = set(extra_meta) & (set(config.to_dict())
+                               | {"model_class", "num_classes", "lower", "pooling"})
     if clash:
         raise ValueError(f"extra metadata may not overwrite {sorted(clash)}")
     os.makedirs(directory, exist_ok=True)
@@ -723,7 +750,7 @@ def save_pretrained(model, tokenizer: Tokenizer, directory: str, **extra_meta: A
     tokenizer.save(directory)
     meta = dict(config.to_dict(), model_class=cls,
                 num_classes=getattr(model, "num_classes", None), lower=tokenizer.lower,
-                **extra_meta)
+                pooling=getattr(model, "pooling", None), **extra_meta)
     write_json(os.path.join(directory, "config.json"), meta)
     return directory
 
@@ -753,6 +780,10 @@ def save_gluonnlp(model, path: str) -> str:
 def save_huggingface(model, tokenizer: Tokenizer, directory: str) -> str:
     """Write a Hugging Face BERT folder (``config.json``, ``model.safetensors``, ``vocab.txt``)
     that ``transformers`` loads (``BertModel`` / ``BertForPreTraining`` / sequence classifier)."""
+    if getattr(model, "pooling", "cls") != "cls":
+        raise CheckpointError(f"a classifier with pooling={model.pooling!r} has no Hugging Face "
+                              f"class (BertForSequenceClassification pools [CLS]); save it with "
+                              f"save_pretrained, or fine-tune with pooling='cls' to export it")
     ours = _ours_numpy(model)
     if "mlm.transform.weight" in ours and "mlm.output_weight" not in ours:
         ours["mlm.output_weight"] = ours["encoder.word_embed.weight"]

@@ -93,6 +93,10 @@ def _add_finetuning_commands(sub) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
                        help=f"(default: {getattr(d, name)})")
     p.add_argument("--optimizer", default=d.optimizer, choices=["bertadam", "adamw", "lamb", "adam"])
+    p.add_argument("--pooling", default=None, choices=["cls", "mean"],
+                   help="what the classifier reads: cls = tanh(Dense) of [CLS], BERT's head "
+                   "(default; a checkpoint of ours keeps its own); mean = the mean of the last "
+                   "layer over the real tokens, sentence-transformers' pooling")
     p.add_argument("--resume", action="store_true", help="continue from <output-dir>/last")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad rows")
     p.add_argument("--no-amp", action="store_true", help="no fp16 on GPU")

@@ -51,6 +51,7 @@ class FinetuneArgs:
     class_labels: Optional[Sequence[str]] = None   # None with regression=True
     regression: bool = False
     model: str = DEFAULT_MODEL              # model name or checkpoint folder
+    pooling: Optional[str] = None           # "cls" / "mean"; None: "cls" (ours: its own)
     output_dir: str = "runs/mrpc"
     epochs: int = 3
     batch_size: int = 32
@@ -201,7 +202,7 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
     seed_everything(args.seed)
     num_classes = 1 if args.regression else len(args.class_labels)
     model, tokenizer = from_pretrained(args.model, task="classifier", num_classes=num_classes,
-                                       ctx=ctx)
+                                       ctx=ctx, pooling=args.pooling)
     pair = len(args.text_columns) == 2
     labels = None if args.regression else list(args.class_labels)
     positive = _positive_index(labels)
@@ -214,6 +215,8 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
     dev = transform_examples(dev_raw, transform, "tokenizing dev", args.progress)
     dev_labels = np.array([s[3] for s in dev])
     logger = JsonlLogger(os.path.join(out, "metrics.jsonl"))
+    logger.log(event="model", model=args.model, pooling=model.pooling,
+               num_classes=num_classes)
     logger.log(event="data", train=len(train), dev=len(dev), train_skipped=train_stats.skipped,
                dev_skipped=dev_stats.skipped, train_truncated=train_truncated,
                dev_truncated=transform.num_truncated - train_truncated)

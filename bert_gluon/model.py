@@ -4,6 +4,7 @@
                                    ├──► MLMDecoder(masked positions) ──► (batch, P, vocab)
                                    ├──► NSClassifier (first token)   ──► (batch, 2)
                                    └──► Pooler ─► Dropout ─► Dense   ──► (batch, num_classes)
+                                        (or MeanPooler: the mean over the real tokens)
 
 Parameter names follow the block structure (``encoder.blocks.0.attention.query_weight``),
 so a checkpoint maps one to one; see :mod:`bert_gluon.checkpoints` for the translation
@@ -19,8 +20,10 @@ from mxnet.gluon import HybridBlock, Parameter, nn
 from .config import BERTConfig
 from .layers import EncoderBlock, LayerNorm, OptionalArgsBlock, PositionalEncoding
 
-__all__ = ["BERTEncoder", "MLMDecoder", "Pooler", "NSClassifier", "BERTModel",
-           "BERTForPretraining", "BERTClassifier"]
+__all__ = ["BERTEncoder", "MLMDecoder", "Pooler", "MeanPooler", "NSClassifier", "BERTModel",
+           "BERTForPretraining", "BERTClassifier", "POOLINGS"]
+
+POOLINGS = ("cls", "mean")
 
 
 class BERTEncoder(OptionalArgsBlock):
@@ -137,6 +140,25 @@ class Pooler(HybridBlock):
         return self.dense(F.squeeze(F.slice_axis(X, axis=1, begin=0, end=1), axis=1))
 
 
+class MeanPooler(OptionalArgsBlock):
+    """The mean of ``X`` over each sequence's first ``valid_length`` positions (padding left
+    out): the sentence embedding sentence-transformers models such as all-MiniLM-L6-v2 are
+    trained to produce. No parameters.
+
+    ``forward(X, valid_length=None)``: ``X`` is ``(batch, seq_len, units)``; returns
+    ``(batch, units)``. Without ``valid_length`` every position counts.
+    """
+
+    def hybrid_forward(self, F, X, valid_length=None):
+        if valid_length is None:
+            return F.mean(X, axis=1)
+        # weights 1/valid_length on the real positions, 0 on padding: one batched matmul
+        steps = F.reshape(F.contrib.arange_like(X, axis=1), (1, -1))          # (1, T)
+        length = F.reshape(F.cast(valid_length, "float32"), (-1, 1))          # (B, 1)
+        weights = F.broadcast_div(F.broadcast_lesser(steps, length), length)   # (B, T)
+        return F.squeeze(F.batch_dot(F.expand_dims(weights, axis=1), X), axis=1)
+
+
 class NSClassifier(HybridBlock):
     """Next-sentence head: ``Pooler`` on the first token, then ``Dense(2)``.
 
@@ -199,27 +221,38 @@ class BERTForPretraining(HybridBlock):
 
 
 class BERTClassifier(OptionalArgsBlock):
-    """Sentence (pair) classifier for fine-tuning: pooled first token → dropout → Dense.
+    """Sentence (pair) classifier for fine-tuning: pooled sequence → dropout → Dense.
 
     ``forward(words, segments, valid_length=None)`` returns ``(batch, num_classes)`` scores
-    (use ``num_classes=1`` for regression). Its encoder is built with ``first_token_only``:
-    the last layer finishes only the ``[CLS]`` position the pooler reads (the same scores,
-    for less work: 12 % of MiniLM-L6's dense-layer work, 6 % of BERT-base's).
+    (use ``num_classes=1`` for regression). ``pooling`` says what the output layer reads:
+
+    - ``"cls"`` (BERT's, Hugging Face's ``BertForSequenceClassification``): the ``Pooler``,
+      ``tanh(Dense(·))`` of the first (``[CLS]``) token. The encoder is then built with
+      ``first_token_only``: the last layer finishes only that position (the same scores, for
+      less work: 12 % of MiniLM-L6's dense-layer work, 6 % of BERT-base's).
+    - ``"mean"`` (sentence-transformers'): ``MeanPooler``, the mean of the last layer over
+      the real tokens, the representation such checkpoints were trained to produce.
     """
 
     def __init__(self, config: BERTConfig, num_classes: int = 2,
-                 dropout: Optional[float] = None, **kwargs):
+                 dropout: Optional[float] = None, pooling: str = "cls", **kwargs):
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.config, self.num_classes = config, num_classes
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.config, self.num_classes, self.pooling = config, num_classes, pooling
         with self.name_scope():
-            self.encoder = BERTEncoder.from_config(config, first_token_only=True)
-            self.pooler = Pooler(config.units, config.initializer_range)
+            self.encoder = BERTEncoder.from_config(config, first_token_only=pooling == "cls")
+            if pooling == "cls":
+                self.pooler = Pooler(config.units, config.initializer_range)
+            else:
+                self.pooler = MeanPooler()
             self.dropout = nn.Dropout(config.dropout if dropout is None else dropout)
             self.output = nn.Dense(num_classes, in_units=config.units,
                                    weight_initializer=mx.init.Normal(config.initializer_range))
 
     def hybrid_forward(self, F, words, segments, valid_length=None):
-        pooled = self.pooler(self.encoder(words, segments, valid_length))
+        seq = self.encoder(words, segments, valid_length)
+        pooled = self.pooler(seq) if self.pooling == "cls" else self.pooler(seq, valid_length)
         return self.output(self.dropout(pooled))

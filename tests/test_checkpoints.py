@@ -7,7 +7,7 @@ import pytest
 
 import bert_gluon as bg
 import mxnet as mx
-from bert_gluon.checkpoints import CheckpointError
+from bert_gluon.checkpoints import CheckpointError, save_huggingface
 from bert_gluon.tokenization import Tokenizer
 
 TINY = bg.BERTConfig.preset("tiny", vocab_size=40, num_layers=2)
@@ -60,6 +60,33 @@ def test_classifier_round_trip_with_labels(tmp_path, ctx):
     plain = bg.BERTClassifier(TINY, num_classes=3)
     plain.load_parameters(os.path.join(out, "model.params"), ctx=ctx)
     np.testing.assert_array_equal(plain(words, segments, valid).asnumpy(), before)
+
+
+def test_mean_pooled_classifier_round_trip(tmp_path, ctx):
+    """The pooling is part of the checkpoint: saved in config.json, used again on load; a
+    mean-pooled classifier has no pooler tensors and no Hugging Face class to export to."""
+    tok = make_tokenizer(tmp_path)
+    model = random_model(bg.BERTClassifier, ctx, num_classes=2, pooling="mean")
+    words, segments, valid, _ = batch(ctx)
+    before = model(words, segments, valid).asnumpy()
+    out = bg.save_pretrained(model, tok, str(tmp_path / "ckpt"))
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["pooling"] == "mean"
+    again, _ = bg.from_pretrained(out, task="classifier", ctx=ctx)
+    assert again.pooling == "mean"
+    np.testing.assert_array_equal(again(words, segments, valid).asnumpy(), before)
+    assert not any(n.startswith("pooler") for n in again._collect_params_with_prefix())
+    with pytest.raises(CheckpointError, match="pooling='mean' has no Hugging Face class"):
+        save_huggingface(again, tok, str(tmp_path / "hf"))
+    # asking for the other pooling: the [CLS] pooler is missing, so it starts fresh
+    cls, _ = bg.from_pretrained(out, task="classifier", ctx=ctx, pooling="cls")
+    assert cls.pooling == "cls" and cls.pooler.dense.weight.shape == (TINY.units, TINY.units)
+    with pytest.raises(ValueError, match="pooling= is for task='classifier'"):
+        bg.from_pretrained(out, task="model", pooling="mean")
+    # a [CLS] classifier's folder says so too
+    cls_dir = bg.save_pretrained(random_model(bg.BERTClassifier, num_classes=2), tok,
+                                 str(tmp_path / "cls"))
+    assert json.loads(open(os.path.join(cls_dir, "config.json")).read())["pooling"] == "cls"
 
 
 def test_classifier_head_size_mismatch(tmp_path):

@@ -50,6 +50,43 @@ def test_minilm_matches_hf_bertmodel_on_mrpc_pairs():
     assert d_seq <= TOL and d_pooled <= TOL
 
 
+def test_minilm_mean_pooled_classifier_pools_like_sentence_transformers():
+    """``pooling="mean"`` on all-MiniLM-L6-v2 (the pooling it was trained with, its
+    ``1_Pooling/config.json``): the classifier reads the mean of the last layer over the real
+    tokens, sentence-transformers' formula on HF ``BertModel``'s outputs, on padded MRPC
+    pairs. The default, ``"cls"``, keeps BERT's pooler."""
+    from bert_gluon.data import BERTDatasetTransform, batchify_fn
+
+    pairs = [ex[:2] for ex in mrpc_dev()[:16]]
+    ours, tok = bg.from_pretrained("all-MiniLM-L6-v2", task="classifier", num_classes=2,
+                                   pooling="mean")
+    assert ours.pooling == "mean"
+    transform = BERTDatasetTransform(tok, max_len=128, has_label=False, pad=False)
+    words, valid, segments = (x.as_in_context(mx.cpu()) for x in batchify_fn(
+        tok.pad_id, has_label=False)([transform(p) for p in pairs]))
+    ours.hybridize(static_alloc=True)
+    scores = ours(words, segments, valid).asnumpy()
+    pooled = ours.pooler(ours.encoder(words, segments, valid), valid).asnumpy()
+
+    ref = transformers.BertModel.from_pretrained(minilm_dir()).eval()
+    inputs = hf_inputs(words, valid, segments)
+    with torch.no_grad():
+        h = ref(**inputs).last_hidden_state
+        mask = inputs["attention_mask"].unsqueeze(-1).float()
+        r_pooled = ((h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).numpy()
+    w, b = ours.output.weight.data().asnumpy(), ours.output.bias.data().asnumpy()
+    d_pooled = np.abs(pooled - r_pooled).max()
+    d_scores = np.abs(scores - (r_pooled @ w.T + b)).max()
+    print(f"\nall-MiniLM-L6-v2 mean pooling vs sentence-transformers' on HF BertModel, "
+          f"16 MRPC dev pairs: max|diff| pooled {d_pooled:.2e}, scores {d_scores:.2e}")
+    assert d_pooled <= TOL and d_scores <= TOL
+
+    cls, _ = bg.from_pretrained("all-MiniLM-L6-v2", task="classifier", num_classes=2)
+    assert cls.pooling == "cls"
+    np.testing.assert_array_equal(cls.pooler.dense.weight.data().asnumpy(),
+                                  ref.pooler.dense.weight.detach().numpy())
+
+
 ODD = dict(vocab_size=123, hidden_size=60, num_hidden_layers=3, num_attention_heads=5,
            intermediate_size=97, max_position_embeddings=40, type_vocab_size=3,
            layer_norm_eps=1e-7, hidden_act="gelu", hidden_dropout_prob=0.0,

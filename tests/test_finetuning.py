@@ -206,3 +206,23 @@ def test_bf16_finetuning_follows_float32(reference_run, tiny_model, tmp_path):
     a = params_of(os.path.join(out, "last", "model.params"))
     b = params_of(str(tmp_path / "bf16" / "last" / "model.params"))
     assert all(v.dtype == np.float32 for v in b.values()) and a.keys() == b.keys()
+
+
+def test_mean_pooling_run_is_kept_by_its_checkpoint(reference_run, tiny_model, tmp_path):
+    """``pooling="mean"``: logged, recorded in the best checkpoint, and used again when
+    ``evaluate`` reloads it (the same dev metrics as in training); a different head from the
+    default run's, so different losses."""
+    out, summary = reference_run
+    run = tmp_path / "mean"
+    s = finetune(args_for(tiny_model, run, pooling="mean", epochs=1, max_dev_examples=None),
+                 ctx=mx.cpu())
+    assert [r["pooling"] for r in records(run, "model")] == ["mean"]
+    assert [r["pooling"] for r in records(out, "model")] == ["cls"]
+    meta = json.load(open(os.path.join(run, "best", "config.json"), encoding="utf-8"))
+    assert meta["pooling"] == "mean"
+    assert not any(k.startswith("pooler") for k in params_of(os.path.join(run, "best",
+                                                                          "model.params")))
+    assert records(run, "train")[0]["loss"] != records(out, "train")[0]["loss"]
+    m = finetuning.evaluate(os.path.join(run, "best"), split="dev", data_dir=MRPC, ctx=mx.cpu())
+    assert m["n"] == s["dev"]["n"] == 408
+    assert m["accuracy"] == s["dev"]["accuracy"] and m["f1"] == pytest.approx(s["dev"]["f1"])

@@ -9,7 +9,7 @@ import pytest
 from mxnet import autograd, nd
 
 from bert_gluon import (BERTClassifier, BERTConfig, BERTEncoder, BERTForPretraining, BERTModel,
-                        MLMDecoder, NSClassifier, PRESETS, Pooler)
+                        MeanPooler, MLMDecoder, NSClassifier, PRESETS, Pooler)
 from bert_gluon.runtime import cpu_description, fast_bf16, physical_cores
 from np_reference import init_nontrivial, numpy_params, erf_gelu, layer_norm, np_bert_encoder
 
@@ -81,6 +81,41 @@ def test_classifier_matches_numpy_reference_of_the_full_encoder(ctx):
                                    rtol=1e-4, atol=1e-4)
 
 
+def test_mean_pooled_classifier_matches_numpy_reference(ctx):
+    """pooling="mean": the whole encoder runs, its outputs are averaged over the real tokens
+    (NumPy reference: a plain loop over positions < valid_length), then Dense."""
+    model = init_nontrivial(BERTClassifier(CFG, num_classes=3, pooling="mean"), ctx)
+    assert [b.first_token_only for b in model.encoder.blocks] == [False, False]
+    assert not list(model.pooler.collect_params().keys())      # no pooler parameters
+    words, segments = _batch(ctx)
+    vl = nd.array([9, 4, 6], ctx=ctx)
+    p = numpy_params(model)
+    ref = np_bert_encoder(words.asnumpy().astype(int), segments.asnumpy().astype(int), p,
+                          CFG.num_layers, CFG.num_heads, vl.asnumpy())
+    pooled = np.stack([ref[b, :n].mean(axis=0) for b, n in enumerate([9, 4, 6])])
+    ref_scores = pooled @ p["output.weight"].T + p["output.bias"]
+    for hybrid in (False, True):
+        if hybrid:
+            model.hybridize(static_alloc=True)
+        np.testing.assert_allclose(model(words, segments, vl).asnumpy(), ref_scores,
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="pooling must be one of .*'max'"):
+        BERTClassifier(CFG, pooling="max")
+
+
+def test_mean_pooler_by_hand(ctx):
+    X = nd.array([[[1, 2], [3, 4], [100, -100]],
+                  [[5, 6], [7, 8], [9, 10]]], ctx=ctx)
+    pool = MeanPooler()
+    for hybrid in (False, True):
+        if hybrid:
+            pool.hybridize()
+        np.testing.assert_allclose(pool(X, nd.array([2, 3], ctx=ctx)).asnumpy(),
+                                   [[2, 3], [7, 8]], rtol=1e-6)
+        np.testing.assert_allclose(pool(X, None).asnumpy(), [[104 / 3, -94 / 3], [7, 8]],
+                                   rtol=1e-6)
+
+
 def test_first_token_only_encoder_equals_the_full_one_with_gradients(ctx):
     full = init_nontrivial(BERTEncoder.from_config(CFG), ctx)
     first = BERTEncoder.from_config(CFG, first_token_only=True)
@@ -137,6 +172,8 @@ def _models():
         "model": (lambda: BERTModel(CFG), lambda out: [o for o in out]),
         "pretraining": (lambda: BERTForPretraining(CFG), lambda out: [o for o in out]),
         "classifier": (lambda: BERTClassifier(CFG, num_classes=3), lambda out: [out]),
+        "classifier_mean": (lambda: BERTClassifier(CFG, num_classes=3, pooling="mean"),
+                            lambda out: [out]),
     }
 
 
@@ -146,7 +183,7 @@ def _call(name, model, words, segments, vl, positions):
     return model(words, segments, vl)
 
 
-@pytest.mark.parametrize("name", ["model", "pretraining", "classifier"])
+@pytest.mark.parametrize("name", ["model", "pretraining", "classifier", "classifier_mean"])
 def test_model_shapes_hybridize_and_masking(ctx, name):
     make, outputs = _models()[name]
     model = init_nontrivial(make(), ctx)
@@ -155,7 +192,7 @@ def test_model_shapes_hybridize_and_masking(ctx, name):
     positions = nd.array([[1, 8], [0, 4], [1, 1]], ctx=ctx)
     imperative = [o.asnumpy() for o in outputs(_call(name, model, words, segments, vl, positions))]
     expected = {"model": [(3, 9, 16), (3, 16)], "pretraining": [(3, 9, 16), (3, 2, 50), (3, 2)],
-                "classifier": [(3, 3)]}[name]
+                "classifier": [(3, 3)], "classifier_mean": [(3, 3)]}[name]
     assert [o.shape for o in imperative] == expected
     model.hybridize(static_alloc=True)
     hybrid = [o.asnumpy() for o in outputs(_call(name, model, words, segments, vl, positions))]
@@ -166,7 +203,7 @@ def test_model_shapes_hybridize_and_masking(ctx, name):
     words2 = nd.concat(words, nd.array(rs.randint(0, 50, (3, 6)), ctx=ctx), dim=1)
     segments2 = nd.concat(segments, nd.ones((3, 6), ctx=ctx), dim=1)
     padded = [o.asnumpy() for o in outputs(_call(name, model, words2, segments2, vl, positions))]
-    if name == "classifier":
+    if name.startswith("classifier"):
         np.testing.assert_allclose(padded[0], hybrid[0], rtol=1e-4, atol=1e-5)
     else:
         for b, L in enumerate([9, 5, 2]):
@@ -179,7 +216,7 @@ def test_model_shapes_hybridize_and_masking(ctx, name):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["model", "pretraining", "classifier"])
+@pytest.mark.parametrize("name", ["model", "pretraining", "classifier", "classifier_mean"])
 def test_gradient_reaches_every_parameter(ctx, name):
     make, outputs = _models()[name]
     model = init_nontrivial(make(), ctx)
