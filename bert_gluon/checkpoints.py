@@ -392,17 +392,6 @@ def _loaded_from(world: str, tensors: Dict[str, np.ndarray], config: BERTConfig,
     return _Loaded(config, tokenizer, state, source, weights_path, vocab_path, config_path,
                    naming=table)
 
-    cfg = _read_json(path)
-    modes = [k[len("pooling_mode_"):] for k, v in cfg.items()
-             if k.startswith("pooling_mode_") and v is True]
-    if modes == ["mean_tokens"]:
-        return "mean"
-    if modes == ["cls_token"]:
-        return "cls"
-    logger.info("%s: pooling %s is not one of ours (mean_tokens, cls_token); a classifier "
-                "will pool the [CLS] token", path, modes)
-    return None
-
 
 def load_hf_folder(directory: str) -> _Loaded:
     """Read a Hugging Face BERT folder (``config.json``, ``model.safetensors`` — or its
@@ -698,8 +687,8 @@ def from_pretrained(name_or_path: str, task: str = "model", num_classes: Optiona
     ``fresh_head=True`` replaces a saved head; ``pooling="cls"|"mean"``, see
     :class:`BERTClassifier`: a folder written by :func:`save_pretrained` records its
     classifier's, anything else pools ``[CLS]`` unless asked). ``dropout=`` /
-    ``attention_dropout=`` override the checkpoint's rates. Returns ``(model, tokenizer)``; bad files raise
-    :class:`CheckpointError` before any parameter is set.
+    ``attention_dropout=`` override the checkpoint's rates. Returns ``(model, tokenizer)``;
+    bad files raise :class:`CheckpointError` before any parameter is set.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -733,8 +722,9 @@ def _model_class(model) -> str:
 def save_pretrained(model, tokenizer: Tokenizer, directory: str, **extra_meta: Any) -> str:
     """Write our checkpoint folder: ``model.params`` (Gluon ``save_parameters``),
     ``vocab.txt`` and ``config.json`` (config fields + ``model_class``, ``num_classes``,
-    ``lower``, ``pooling`` (a classifier's) and ``extra_meta`` such as class labels). Each file is written atomically,
-    the config last, so a folder with a ``config.json`` is complete. Returns ``directory``."""
+    ``lower``, ``pooling`` (a classifier's) and ``extra_meta`` such as class labels). Each
+    file is written atomically, the config last, so a folder with a ``config.json`` is
+    complete. Returns ``directory``."""
     cls = _model_class(model)
     config: BERTConfig = model.config
     if len(tokenizer) != config.vocab_size:
