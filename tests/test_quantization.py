@@ -39,9 +39,9 @@ def _batch(n, seed, T=T):
     return words, valid, segments
 
 
-def _fp32_model():
+def _fp32_model(pooling="cls"):
     mx.random.seed(7)
-    net = BERTClassifier(CFG, num_classes=3)
+    net = BERTClassifier(CFG, num_classes=3, pooling=pooling)
     net.initialize(mx.init.Normal(0.1))
     net.output.weight.set_data(net.output.weight.data() * 20)   # logits spread over ~2 units
     net.hybridize(static_alloc=True)
@@ -81,6 +81,42 @@ def test_int8_agrees_with_fp32(models, bg_models, backend, length):
     assert scale > 1.0                                   # the logits are not all equal
     assert np.abs(int8 - fp32).max() <= 0.03 * scale
     assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("low", ["bert_gluon", "bf16"])
+def test_mean_pooled_classifier_in_low_precision(low):
+    """pooling="mean" (no pooler layer; the last layer finishes every token): its INT8 and
+    bf16 graphs agree with fp32 within the same bounds as the [CLS] model's, padding still
+    counts for nothing, and only the encoder's dense layers change precision."""
+    net = _fp32_model("mean")
+    if low == "bert_gluon":
+        if not ops.use_fast_ops():
+            pytest.skip("bert_gluon's operators did not build")
+        qnet, bound = quantize_classifier(net, backend="bert_gluon"), 0.03
+    else:
+        if not bf16_supported():
+            pytest.skip("MXNet's oneDNN runs no bfloat16 FullyConnected on this CPU")
+        qnet, bound = bf16_dense_layers(net), 0.005
+    words, valid, segments = _batch(64, seed=300)
+    fp32 = _run(net, words, valid, segments)
+    out = _run(qnet, words, valid, segments)
+    scale = fp32.max() - fp32.min()
+    err = np.abs(out - fp32).max() / scale
+    print(f"mean pooling, {low} vs fp32: max |difference| {100 * err:.2f} % of the logits' "
+          f"range ({scale:.2f})")
+    assert scale > 0.2 and 0 < err <= bound
+    assert (out.argmax(1) == fp32.argmax(1)).mean() >= 0.9
+    wide = [np.pad(a, ((0, 0), (0, 8))) for a in (words, segments)]
+    np.testing.assert_allclose(_run(qnet, wide[0], valid, wide[1]), out, atol=1e-4)
+    nodes = json.loads(qnet._cached_graph[1].tojson(remove_amp_cast=False))["nodes"]
+    fp32_fc = [n for n in nodes if n["op"] == "FullyConnected"]
+    if low == "bert_gluon":       # 4 per layer become INT8; the output layer is the one left
+        assert sum(n["op"] == "bg_int8_dense" for n in nodes) == 4 * CFG.num_layers
+        assert len(fp32_fc) == 1
+    else:                         # 4 per layer get bfloat16 inputs; + the output layer
+        assert len(fp32_fc) == 4 * CFG.num_layers + 1
+        assert sum(n["op"] == "amp_cast" and n["attrs"]["dtype"] == "bfloat16"
+                   for n in nodes) == 3 * 4 * CFG.num_layers
 
 
 def test_int8_graph_really_is_quantized(models):
