@@ -628,7 +628,7 @@ def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head:
                                       f"fresh_head=True to start a new output layer")
     num_classes = num_classes or 2
     pooling = pooling or src.meta.get("pooling") or "cls"
-    if pooling not in POOLINGS:
+    if pooling not in POOLINGS:     # only a checkpoint's config.json gets here with another
         raise CheckpointError(f"{src.config_path}: pooling {pooling!r} is not one of {POOLINGS}")
     if fresh_head:
         for n in [n for n in state if _group(n) == "output"]:
@@ -698,6 +698,8 @@ def from_pretrained(name_or_path: str, task: str = "model", num_classes: Optiona
     pooling = kwargs.pop("pooling", None)
     if pooling is not None and task != "classifier":
         raise ValueError(f"pooling= is for task='classifier', not {task!r}")
+    if pooling is not None and pooling not in ("cls", "mean"):
+        raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
     overrides = {k: kwargs.pop(k) for k in CONFIG_OVERRIDES if k in kwargs}
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")

@@ -83,6 +83,12 @@ def test_mean_pooled_classifier_round_trip(tmp_path, ctx):
     assert cls.pooling == "cls" and cls.pooler.dense.weight.shape == (TINY.units, TINY.units)
     with pytest.raises(ValueError, match="pooling= is for task='classifier'"):
         bg.from_pretrained(out, task="model", pooling="mean")
+    with pytest.raises(ValueError, match="pooling must be 'cls' or 'mean', got 'max'"):
+        bg.from_pretrained(out, task="classifier", pooling="max")
+    meta["pooling"] = "max"                    # a hand-edited config.json names itself
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"config\.json: pooling 'max' is not one of"):
+        bg.from_pretrained(out, task="classifier")
     # a [CLS] classifier's folder says so too
     cls_dir = bg.save_pretrained(random_model(bg.BERTClassifier, num_classes=2), tok,
                                  str(tmp_path / "cls"))
