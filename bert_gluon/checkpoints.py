@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .config import BERTConfig
+from .config import POOLINGS, BERTConfig
 from .fileio import atomic_path, write_json
 from .tokenization import Tokenizer
 
@@ -598,8 +598,6 @@ def _build(src: _Loaded, task: str, num_classes: Optional[int], ctx, fresh_head:
            pooling: Optional[str] = None):
     import mxnet as mx
 
-    from .model import POOLINGS
-
     config, state, where = src.config, dict(src.state), src.weights_path
 
     def named(name: str) -> str:
@@ -698,8 +696,8 @@ def from_pretrained(name_or_path: str, task: str = "model", num_classes: Optiona
     pooling = kwargs.pop("pooling", None)
     if pooling is not None and task != "classifier":
         raise ValueError(f"pooling= is for task='classifier', not {task!r}")
-    if pooling is not None and pooling not in ("cls", "mean"):
-        raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     overrides = {k: kwargs.pop(k) for k in CONFIG_OVERRIDES if k in kwargs}
     if kwargs:
         raise TypeError(f"from_pretrained got unexpected arguments {sorted(kwargs)}")

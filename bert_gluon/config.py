@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any, Dict
 
 
+# what a BERTClassifier's output layer reads: the [CLS] pooler, or the mean over the real tokens
+POOLINGS = ("cls", "mean")
+
+
 @dataclass(frozen=True)
 class BERTConfig:
     """Hyper-parameters of a BERT encoder.

@@ -17,13 +17,11 @@ from typing import Optional
 import mxnet as mx
 from mxnet.gluon import HybridBlock, Parameter, nn
 
-from .config import BERTConfig
+from .config import POOLINGS, BERTConfig
 from .layers import EncoderBlock, LayerNorm, OptionalArgsBlock, PositionalEncoding
 
 __all__ = ["BERTEncoder", "MLMDecoder", "Pooler", "MeanPooler", "NSClassifier", "BERTModel",
            "BERTForPretraining", "BERTClassifier", "POOLINGS"]
-
-POOLINGS = ("cls", "mean")
 
 
 class BERTEncoder(OptionalArgsBlock):
