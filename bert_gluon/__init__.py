@@ -12,7 +12,7 @@ from .layers import (AddNorm, EncoderBlock, MultiHeadAttention, PositionalEncodi
                      PositionWiseFFN)
 from .model import (BERTClassifier, BERTEncoder, BERTForPretraining, BERTModel,  # noqa: E402
                     MeanPooler, MLMDecoder, NSClassifier, Pooler)
-from .runtime import default_context, seed_everything  # noqa: E402
+from .runtime import check_gpu, default_context, seed_everything  # noqa: E402
 
 __version__ = "0.1.0"
 from .checkpoints import from_pretrained, save_pretrained  # noqa: E402

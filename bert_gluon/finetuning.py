@@ -27,7 +27,7 @@ from mxnet import autograd, gluon
 from .data import (BERTDatasetTransform, ReadStats, get_task, make_dataloader, read_examples,
                    sampler_order, task_dir, transform_examples)
 from .fileio import JsonlLogger, write_json
-from .runtime import default_context, seed_everything
+from .runtime import resolve_context, seed_everything
 from .training import (WarmupLinearSchedule, amp_init_trainer, backward, create_trainer,
                        enable_amp, enable_bf16, load_training_state, optimizer_step,
                        save_training_state, set_grad_accumulation)
@@ -193,7 +193,7 @@ def finetune(args: FinetuneArgs, ctx: Optional[mx.Context] = None) -> Dict[str, 
     from .checkpoints import from_pretrained, save_pretrained
 
     args = args.resolved()
-    ctx = ctx or default_context()
+    ctx = resolve_context(ctx)
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "args.json"), dataclasses.asdict(args))
@@ -371,7 +371,7 @@ def evaluate(checkpoint: str, task: Optional[str] = None, split: str = "dev",
     checkpoint's training data, or ``calib_file``). ``bf16``: with the encoder's dense layers
     in bfloat16 (CPU; :func:`bert_gluon.quantization.bf16_dense_layers`).
     """
-    ctx = ctx or default_context()
+    ctx = resolve_context(ctx)
     model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir,
                                               int8_backend, bf16)
     labels = meta["class_labels"]
@@ -406,7 +406,7 @@ def predict(checkpoint: str, inputs: Sequence[Sequence[str]], batch_size: int = 
     """Label and probability for each input (a sentence, or a ``(sentence_a, sentence_b)``
     pair, matching what the checkpoint was trained on). ``int8``, ``int8_backend``, ``bf16``:
     as in :func:`evaluate`."""
-    ctx = ctx or default_context()
+    ctx = resolve_context(ctx)
     model, tokenizer, meta = _load_checkpoint(checkpoint, ctx, int8, calib_file, data_dir,
                                               int8_backend, bf16)
     labels, pair = meta["class_labels"], bool(meta["pair"])
@@ -429,7 +429,7 @@ def predict_file(checkpoint: str, file: str, output: Optional[str] = None,
                  bf16: bool = False, ctx: Optional[mx.Context] = None) -> List[Dict[str, Any]]:
     """:func:`predict` for every row of a TSV/CSV file (labels, if any, are ignored);
     ``output`` gets the predictions as TSV."""
-    ctx = ctx or default_context()
+    ctx = resolve_context(ctx)
     with open(os.path.join(checkpoint, "config.json"), encoding="utf-8") as f:
         meta = json.load(f)
     cols = text_columns or meta.get("text_columns")

@@ -32,6 +32,7 @@ from . import training
 from .fileio import JsonlLogger, write_json
 from .ops import softmax_cross_entropy
 from .pretraining_data import PretrainingData, iterate_batches, num_batches
+from .runtime import check_gpu
 
 __all__ = ["PretrainingLoss", "PretrainingMetrics", "evaluate", "most_frequent_token_baseline",
            "word_overlap_nsp_baseline", "baselines", "evaluate_checkpoint", "pretrain",
@@ -482,6 +483,8 @@ def run_pretraining(data: str, output_dir: str, *, eval_data: Optional[str] = No
     from .tokenization import Tokenizer
 
     ctxs = [mx.gpu(i) for i in gpus] if gpus else [mx.cpu()]
+    for c in ctxs:
+        check_gpu(c)
     if fp16 and not training.enable_amp(ctxs[0]):
         raise ValueError("--fp16 needs a GPU (--gpus)")
     if init_from:

@@ -9,9 +9,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "data"))
 
 
+def _gpu_problem():
+    """Why the GPU tests cannot run here (None where they can)."""
+    if mx.context.num_gpus() == 0:
+        return "no GPU on this machine"
+    from bert_gluon.runtime import check_gpu
+
+    try:
+        check_gpu(mx.gpu(0))
+    except RuntimeError as err:   # e.g. a GPU newer than this MXNet build's kernels
+        return str(err)
+    return None
+
+
 def _contexts():
     ctxs = [pytest.param(mx.cpu(), id="cpu")]
-    gpu = pytest.mark.skipif(mx.context.num_gpus() == 0, reason="no GPU on this machine")
+    problem = _gpu_problem()
+    gpu = pytest.mark.skipif(problem is not None, reason=str(problem))
     ctxs.append(pytest.param("gpu", id="gpu", marks=gpu))
     return ctxs
 

@@ -10,7 +10,8 @@ from mxnet import autograd, nd
 
 from bert_gluon import (BERTClassifier, BERTConfig, BERTEncoder, BERTForPretraining, BERTModel,
                         MeanPooler, MLMDecoder, NSClassifier, PRESETS, Pooler)
-from bert_gluon.runtime import cpu_description, fast_bf16, physical_cores
+from bert_gluon.runtime import (check_gpu, cpu_description, cuda_archs, fast_bf16,
+                                gpu_failure_message, physical_cores, resolve_context, runs_on)
 from np_reference import init_nontrivial, numpy_params, erf_gelu, layer_norm, np_bert_encoder
 
 CFG = BERTConfig(vocab_size=50, units=16, hidden_size=32, num_heads=4, num_layers=2,
@@ -316,6 +317,92 @@ def test_cpu_description_names_model_and_vector_isa(tmp_path):
     assert describe("Old CPU", "fpu sse2") == "Old CPU (no AVX2)"
     assert not fast_bf16(str(tmp_path / "cpuinfo"))
     assert cpu_description(str(tmp_path / "missing")) == "unknown"
+
+
+def _elf_with_section(name: bytes, payload: bytes) -> bytes:
+    """A minimal 64-bit ELF file: a null section, ``.shstrtab`` and ``name`` holding
+    ``payload`` (all :func:`cuda_archs` reads)."""
+    import struct
+
+    names = b"\0.shstrtab\0" + name + b"\0"
+    body = names + b"\0" * (-len(names) % 8)
+    data_at = 64 + len(body)
+    shoff = data_at + len(payload) + (-len(payload) % 8)
+    header = bytearray(64)
+    header[:7] = b"\x7fELF\x02\x01\x01"
+    struct.pack_into("<Q", header, 0x28, shoff)
+    struct.pack_into("<HHH", header, 0x3A, 64, 3, 1)
+
+    def section(name_at, offset, size):
+        return struct.pack("<IIQQQQIIQQ", name_at, 1, 0, 0, offset, size, 0, 0, 1, 0)
+
+    return (bytes(header) + body + payload + b"\0" * (-len(payload) % 8) + bytes(64)
+            + section(1, 64, len(names)) + section(11, data_at, len(payload)))
+
+
+def test_cuda_archs_reads_nvcc_fat_binaries(tmp_path):
+    import struct
+
+    # nvcc 13.0's output for sm_86 SASS + compute_80 PTX (tests/data/README.md), 8 bytes of
+    # padding, then a hand-made fat binary with one sm_90 SASS entry
+    nvcc = open(os.path.join(os.path.dirname(__file__), "data", "nvcc_sm86_ptx80.fatbin"),
+                "rb").read()
+    entry = bytearray(64)
+    struct.pack_into("<HHIQ", entry, 0, 2, 0x101, 64, 8)
+    struct.pack_into("<I", entry, 28, 90)
+    entry += b"\xff" * 8
+    mine = struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(entry)) + bytes(entry)
+    lib = tmp_path / "libfake.so"
+    lib.write_bytes(_elf_with_section(b".nv_fatbin", nvcc + bytes(8) + mine))
+    assert cuda_archs(str(lib)) == {"sass": [86, 90], "ptx": [80]}
+    # no .nv_fatbin section: no GPU code; not an ELF file: named
+    lib.write_bytes(_elf_with_section(b".text", nvcc))
+    assert cuda_archs(str(lib)) == {"sass": [], "ptx": []}
+    (tmp_path / "x.txt").write_bytes(b"hello, not a library" * 4)
+    with pytest.raises(ValueError, match="x.txt: not a 64-bit ELF"):
+        cuda_archs(str(tmp_path / "x.txt"))
+
+
+def test_cuda_archs_of_the_installed_mxnet_match_its_build():
+    from mxnet.libinfo import find_lib_path
+
+    archs = cuda_archs(find_lib_path()[0])
+    assert bool(archs["sass"] or archs["ptx"]) == mx.runtime.Features().is_enabled("CUDA")
+
+
+def test_runs_on_follows_cuda_compatibility():
+    wheel = {"sass": [50, 60, 70, 80, 86], "ptx": []}   # what mxnet-cu117 1.9.1 carries
+    assert runs_on(wheel, 86) and runs_on(wheel, 80) and runs_on(wheel, 89)   # same major
+    assert not runs_on(wheel, 90) and not runs_on(wheel, 100)   # Hopper, Blackwell
+    assert not runs_on({"sass": [86], "ptx": []}, 80)            # SASS never runs older
+    assert runs_on({"sass": [86], "ptx": [80]}, 90)              # PTX: compiled by the driver
+    assert not runs_on({"sass": [], "ptx": [90]}, 86)
+
+
+def test_gpu_failure_message_names_the_cause():
+    wheel = {"sass": [50, 60, 70, 80, 86], "ptx": []}
+    msg = gpu_failure_message(mx.gpu(0), "no kernel image is available", 90, wheel, "1.9.1")
+    assert msg.startswith("MXNet 1.9.1 cannot compute on gpu(0): no kernel image is available.")
+    assert "This GPU is sm_90; the MXNet library has machine code for sm_50, sm_60, sm_70, " \
+           "sm_80, sm_86 and PTX for none. None of that runs on this GPU." in msg
+    assert "built from source" in msg
+    ok = gpu_failure_message(mx.gpu(1), "out of memory", 80, wheel, "1.9.1")
+    assert ok.startswith("MXNet 1.9.1 cannot compute on gpu(1): out of memory.")
+    assert "None of that runs" not in ok          # the code fits: the cause is elsewhere
+    assert gpu_failure_message(mx.gpu(0), "boom", None, None, "1.9.1") == \
+        "MXNet 1.9.1 cannot compute on gpu(0): boom."
+
+
+def test_check_gpu_on_a_machine_without_one():
+    assert check_gpu(mx.cpu()) is None
+    assert resolve_context(mx.cpu()) == mx.cpu()
+    if mx.context.num_gpus() > 0:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RuntimeError, match=r"MXNet \S+ cannot compute on gpu\(0\): "):
+        check_gpu(mx.gpu(0))
+    with pytest.raises(RuntimeError, match=r"cannot compute on gpu\(0\)"):
+        resolve_context(mx.gpu(0))
+    assert resolve_context(None) == mx.cpu()
 
 
 def test_demo_command_prints_seed_shapes(capsys):

@@ -310,6 +310,12 @@ def test_cli_create_data_pretrain_and_resume(tokenizer, tmp_path, capsys):
     with pytest.raises(ValueError, match="vocab_size .* but"):
         cli_main(["pretrain", "--data", str(tmp_path / "d"), "--output-dir", str(tmp_path / "x"),
                   "--vocab", vocab, "--config", _write_config(tmp_path), "--no-progress"])
+    if mx.context.num_gpus() == 0:   # --gpus where MXNet cannot compute: said before any work
+        with pytest.raises(RuntimeError, match=r"cannot compute on gpu\(0\)"):
+            cli_main(["pretrain", "--data", str(tmp_path / "d"), "--output-dir",
+                      str(tmp_path / "g"), "--vocab", vocab, "--preset", "tiny", "--gpus", "0",
+                      "--no-progress"])
+        assert not os.path.exists(tmp_path / "g" / "checkpoint")
 
 
 def _write_config(tmp_path):
