@@ -245,6 +245,8 @@ def _add_pretraining_commands(sub) -> None:
     p.add_argument("--fp16", action="store_true", help="AMP fp16 with loss scaling (GPU)")
     p.add_argument("--bf16", action="store_true", help="CPU mixed precision: the encoder's "
                    "dense layers in bfloat16 (fast with AVX-512 BF16)")
+    p.add_argument("--ema-decay", type=float, default=None, help="evaluate and save an "
+                   "exponential moving average of the weights, e.g. 0.999")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 
@@ -295,7 +297,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
         log_every=args.log_every, stop_after=args.stop_after,
         max_seconds=args.max_minutes * 60 if args.max_minutes else None, resume=args.resume,
-        kvstore=args.kvstore, progress=not args.no_progress)
+        kvstore=args.kvstore, ema_decay=args.ema_decay, progress=not args.no_progress)
     print(json.dumps(summary))
     return 0
 

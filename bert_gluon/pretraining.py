@@ -294,7 +294,7 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
              checkpoint_every: int = 500, eval_every: int = 0, log_every: int = 50,
              max_seconds: Optional[float] = None, stop_after: Optional[int] = None,
              resume: bool = False, ctx: Context = None, kvstore: Any = "device",
-             fp16: bool = False, bf16: bool = False,
+             fp16: bool = False, bf16: bool = False, ema_decay: Optional[float] = None,
              progress: bool = True) -> Dict[str, Any]:
     """Train ``model`` (a :class:`BERTForPretraining`, initialised) on ``train_data``.
 
@@ -314,6 +314,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     several (start the processes as in ``docs/pretraining.md``; each worker reads its own
     slice of the data and writes to ``output_dir/worker-<rank>``).
     ``bf16``: the encoder's dense layers in bfloat16 on CPU (:func:`training.enable_bf16`).
+    ``ema_decay`` (e.g. 0.999): evaluations and the final model use an exponential moving
+    average of the weights (:class:`training.WeightAverage`), kept in the checkpoint.
     Returns a summary: steps, tokens/s, last training and evaluation metrics.
     """
     ctxs = _ctx_list(ctx)
@@ -349,6 +351,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     loss_fn.hybridize(static_alloc=True)
     # gradients of the per-device mean loss are summed over devices and workers: average them
     loss_scale = 1.0 / (len(ctxs) * num_workers)
+    ema = None if ema_decay is None else training.WeightAverage(model, ema_decay, ctxs[0])
+    ema_path = os.path.join(ckpt_dir, "weight_average.params")
 
     step, epoch, next_batch, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
     if resume:
@@ -357,6 +361,11 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
             raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
         step, epoch, next_batch = state["step"], state["epoch"], state["next_batch"]
         tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+        if ema is not None:
+            if state.get("ema_updates") is None:
+                raise ValueError(f"--resume with a weight average: {ckpt_dir} was written "
+                                 f"without one")
+            ema.load(ema_path, state["ema_updates"])
         log.log(event="resume", step=step, epoch=epoch, next_batch=next_batch)
     else:
         training.seed_everything(seed)
@@ -373,10 +382,13 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
             step=step, total_steps=total_steps, batch_size=batch_size, accumulate=accumulate)
 
     def save(reason: str) -> None:
+        if ema is not None:   # before save_training_state, whose state.json comes last
+            ema.save(ema_path)
         training.save_training_state(ckpt_dir, trainer, model, step=step, epoch=epoch,
                                      next_batch=next_batch, tokens_seen=tokens_seen,
                                      train_seconds=train_seconds, seed=seed,
-                                     total_steps=total_steps, reason=reason)
+                                     total_steps=total_steps, reason=reason,
+                                     ema_updates=None if ema is None else ema.updates)
 
     bar = None
     if progress and rank == 0:
@@ -416,6 +428,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
             trainer.set_learning_rate(schedule(_schedule_step(step, total_steps, t_start,
                                                               max_seconds)))
             grad_norm = training.optimizer_step(trainer, max_grad_norm, accumulate)
+            if ema is not None:
+                ema.update()
             if bar is not None:
                 bar.update(1)
             if step % log_every == 0 or step == total_steps:
@@ -433,7 +447,7 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
                 metrics.reset()
                 t_window, tokens_window = now, 0
             if eval_arrays is not None and eval_every and step % eval_every == 0:
-                summary["eval"] = _log_eval(model, eval_arrays, ctxs[0], log, step)
+                summary["eval"] = _log_eval(model, eval_arrays, ctxs[0], log, step, ema)
             train_seconds = time.time() - t_start
             if stop_after is not None and step >= stop_after:
                 stopped = "stop_after"
@@ -448,6 +462,8 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     if bar is not None:
         bar.close()
     train_seconds = time.time() - t_start
+    if ema is not None and stopped != "stop_after":   # done: the model is its average now
+        ema.copy_to_model()
     if eval_arrays is not None and stopped != "stop_after":
         summary["eval"] = _log_eval(model, eval_arrays, ctxs[0], log, step)
     if tokenizer is not None and rank == 0 and stopped != "stop_after":
@@ -463,8 +479,13 @@ def pretrain(model, train_data: PretrainingData, output_dir: str, *,
     return summary
 
 
-def _log_eval(model, arrays, ctx, log: JsonlLogger, step: int) -> Dict[str, float]:
-    res = evaluate(model, arrays, ctx=ctx)
+def _log_eval(model, arrays, ctx, log: JsonlLogger, step: int,
+              ema: Optional[training.WeightAverage] = None) -> Dict[str, float]:
+    if ema is None:
+        res = evaluate(model, arrays, ctx=ctx)
+    else:
+        with ema.applied():
+            res = evaluate(model, arrays, ctx=ctx)
     log.log(event="eval", step=step, **res)
     return res
 

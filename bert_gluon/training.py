@@ -23,7 +23,8 @@ import math
 import os
 import pickle
 import random
-from typing import Any, Dict, Iterable, List, Optional
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import gluonnlp  # noqa: F401  (registers the 'bertadam' optimizer)
 import mxnet as mx
@@ -258,6 +259,64 @@ def backward(loss: mx.nd.NDArray, trainer: Optional[gluon.Trainer] = None) -> No
 
 
 # --- reproducibility and resuming -------------------------------------------------------
+class WeightAverage:
+    """Exponential moving average of a model's trainable parameters (Polyak averaging),
+    the weights that evaluation and the final checkpoint use when it is on.
+
+    After each optimizer update, ``avg = d * avg + (1 - d) * w`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` at the ``n``-th update (the ramp of TensorFlow's
+    ``ExponentialMovingAverage``, so the random initialisation fades quickly). The averages
+    live on ``ctx`` (the first device) in float32.
+    """
+
+    def __init__(self, model: gluon.Block, decay: float, ctx: mx.Context):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"weight-average decay must be in (0, 1), got {decay}")
+        self.decay, self.ctx, self.updates = decay, ctx, 0
+        # structural names ("encoder.word_embed.weight"), as save_parameters writes them:
+        # the same in every instance of the model, so a saved average loads into a new one
+        self.params = {name: p for name, p in model._collect_params_with_prefix().items()
+                       if p.grad_req != "null"}
+        self.avg = {name: p.data(ctx).copy() for name, p in self.params.items()}
+
+    def update(self) -> None:
+        """Fold the current weights in (call after each optimizer update)."""
+        self.updates += 1
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for name, p in self.params.items():
+            avg = self.avg[name]
+            avg *= d
+            avg += (1.0 - d) * p.data(self.ctx)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model holds the averaged weights inside the block, its own weights after."""
+        saved = {name: p.data(self.ctx).copy() for name, p in self.params.items()}
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            for name, p in self.params.items():
+                p.set_data(saved[name])
+
+    def copy_to_model(self) -> None:
+        """Replace the model's weights by the averages (all devices)."""
+        for name, p in self.params.items():
+            p.set_data(self.avg[name])
+
+    def save(self, path: str) -> None:
+        """The averages (atomically) to ``path``; :attr:`updates` goes with the caller's state."""
+        with atomic_path(path) as tmp:
+            mx.nd.save(tmp, self.avg)
+
+    def load(self, path: str, updates: int) -> None:
+        loaded = mx.nd.load(path)
+        if set(loaded) != set(self.avg):
+            raise ValueError(f"{path}: weight averages of other parameters than this model's")
+        self.avg = {name: loaded[name].as_in_context(self.ctx) for name in self.avg}
+        self.updates = int(updates)
+
+
 def get_rng_state() -> Dict[str, Any]:
     """Python and NumPy RNG states (MXNet's cannot be read back; reseed it per epoch)."""
     return {"python": random.getstate(), "numpy": np.random.get_state()}

@@ -177,6 +177,54 @@ def test_resume_is_exact(tokenizer, tmp_path):
     assert "resume" in events
 
 
+def test_weight_average_follows_its_formula():
+    from mxnet import gluon
+
+    from bert_gluon.training import WeightAverage
+
+    net = gluon.nn.Dense(2, in_units=3)
+    net.initialize(mx.init.Constant(0.0))
+    rng = np.random.default_rng(3)
+    w = [net.weight.data().asnumpy()] + [rng.normal(size=(2, 3)).astype("float32")
+                                         for _ in range(3)]
+    avg = WeightAverage(net, 0.5, mx.cpu())
+    expected = w[0]
+    for n in (1, 2, 3):   # decay min(0.5, (1 + n) / (10 + n)): 2/11, 3/12, 4/13
+        net.weight.set_data(mx.nd.array(w[n]))
+        avg.update()
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w[n]
+    assert np.allclose(avg.avg["weight"].asnumpy(), expected, atol=1e-6)
+    with avg.applied():
+        assert np.allclose(net.weight.data().asnumpy(), expected, atol=1e-6)
+    assert np.array_equal(net.weight.data().asnumpy(), w[3])   # its own weights again
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(net, 1.0, mx.cpu())
+
+
+def test_weight_average_in_pretraining_resumes_exactly(tokenizer, tmp_path):
+    """With ``ema_decay`` the trained model ends as the average of its weights, and an
+    interrupted, resumed run ends with the same average as an uninterrupted one."""
+    straight, s1 = _train(tokenizer, tmp_path / "a", ema_decay=0.9)
+    _train(tokenizer, tmp_path / "b", ema_decay=0.9, stop_after=3)
+    resumed, s2 = _train(tokenizer, tmp_path / "b", ema_decay=0.9, resume=True)
+    assert s1["steps"] == s2["steps"] == 10
+    a, b = _params(straight), _params(resumed)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    # the checkpoint keeps the raw weights: the model holds something else, the average
+    raw, _ = build_pretraining_model(TINY, seed=0)
+    raw.load_parameters(str(tmp_path / "a" / "checkpoint" / "model.params"))
+    plain, _ = _train(tokenizer, tmp_path / "c")     # no average: the same raw weights
+    r, p = _params(raw), _params(plain)
+    name = "encoder.word_embed.weight"
+    assert np.array_equal(r[name], p[name])
+    assert np.abs(a[name] - r[name]).max() > 1e-4
+    # a checkpoint written without an average cannot resume with one
+    with pytest.raises(ValueError, match="written without one"):
+        _train(tokenizer, tmp_path / "c", ema_decay=0.9, resume=True)
+
+
 def test_lamb_optimizer_trains(tokenizer, tmp_path):
     model, _ = build_pretraining_model(TINY, seed=0)
     before = _params(model)
@@ -284,7 +332,7 @@ def test_cli_create_data_pretrain_and_resume(tokenizer, tmp_path, capsys):
     common = ["pretrain", "--data", str(tmp_path / "d"), "--output-dir", str(tmp_path / "r"),
               "--vocab", vocab, "--preset", "tiny", "--batch-size", "4", "--steps", "6",
               "--lr", "1e-3", "--log-every", "1", "--checkpoint-every", "2", "--no-progress",
-              "--dynamic-masking", "--eval-data", str(tmp_path / "d")]
+              "--dynamic-masking", "--eval-data", str(tmp_path / "d"), "--ema-decay", "0.9"]
     assert cli_main(common + ["--stop-after", "4"]) == 0
     state = json.load(open(tmp_path / "r" / "checkpoint" / "state.json"))
     assert state["step"] == 4
