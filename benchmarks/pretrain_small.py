@@ -1,6 +1,8 @@
 """Acceptance run: pre-train ``BERTConfig.preset("small")`` from scratch on the Gutenberg books
 minus three held out, within a wall-time budget, then evaluate on the held-out books
-(``--corpus wikitext``: train on WikiText-2 valid, evaluate on WikiText-2 test).
+(``--corpus wikitext``: train on WikiText-2 valid, evaluate on WikiText-2 test; ``--corpus both``:
+train on the books and WikiText-2 valid together -- each kept as its own data folder, so a
+random next sentence comes from the same corpus -- and evaluate on WikiText-2 test).
 
     nice -n 5 nohup .venv/bin/python benchmarks/pretrain_small.py --minutes 25 \\
         > runs/pretrain_small.out 2>&1 &
@@ -37,6 +39,7 @@ sys.path.insert(0, ROOT)
 
 import bert_gluon  # noqa: E402  (sets OMP_NUM_THREADS before mxnet)
 import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bert_gluon import BERTConfig  # noqa: E402
 from bert_gluon.fileio import write_json  # noqa: E402
@@ -80,7 +83,8 @@ def nsp_curve(metrics_path: str, window: int = 200) -> list:
 
 
 def corpus_files(corpus: str):
-    """``(train files, held-out files)`` of the acceptance corpus."""
+    """``(train files, held-out files)`` of the acceptance corpus (``both``: the books'
+    training files; :func:`main` adds WikiText-2 valid as a second data folder)."""
     if corpus == "wikitext":
         folder = shared("WIKITEXT2_DIR", "wikitext-2")
         return [os.path.join(folder, "wiki.valid.tokens")], [os.path.join(folder, "wiki.test.tokens")]
@@ -88,6 +92,8 @@ def corpus_files(corpus: str):
     train_files = [b for b in books if os.path.basename(b) not in HELD_OUT]
     eval_files = [b for b in books if os.path.basename(b) in HELD_OUT]
     assert len(eval_files) == 3, eval_files
+    if corpus == "both":
+        return train_files, corpus_files("wikitext")[1]
     return train_files, eval_files
 
 
@@ -106,6 +112,8 @@ def main() -> None:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "bertadam", "lamb"])
     p.add_argument("--bf16", action="store_true",
                    help="the encoder's dense layers in bfloat16 (CPUs with AVX-512 BF16)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="evaluate an exponential moving average of the weights (e.g. 0.999)")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="decoupled weight decay of weight matrices and embeddings")
     p.add_argument("--preset", default="small", help="BERTConfig preset of the model")
@@ -117,8 +125,9 @@ def main() -> None:
                    help="dropout and attention dropout (default: the preset's 0.1). MLM is far "
                    "from overfitting in minutes; NSP learns the few training documents within the "
                    "budget with or without dropout (the result's nsp_curve)")
-    p.add_argument("--corpus", default="gutenberg", choices=["gutenberg", "wikitext"],
-                   help="Gutenberg books minus 3 held out, or WikiText-2 valid (test held out)")
+    p.add_argument("--corpus", default="gutenberg", choices=["gutenberg", "wikitext", "both"],
+                   help="Gutenberg books minus 3 held out, or WikiText-2 valid (test held out), "
+                        "or both (the books once, WikiText-2 valid --dupe-factor times)")
     p.add_argument("--dupe-factor", type=int, default=1,
                    help="passes over the training text, each with new pairs and masks")
     p.add_argument("--note", default="", help="conditions of the run, kept in the result")
@@ -138,17 +147,28 @@ def main() -> None:
     t0 = time.time()
     suffix = f"L{args.seq_len}P{args.max_predictions}"
     if args.corpus != "gutenberg":
-        suffix = f"{args.corpus}_{suffix}"
-    train_suffix = suffix + (f"D{args.dupe_factor}" if args.dupe_factor != 1 else "")
-    train_dir = os.path.join(args.out, f"data_train_{train_suffix}")
+        suffix = f"wikitext_{suffix}"
+    dupe = f"D{args.dupe_factor}" if args.dupe_factor != 1 else ""
+    if args.corpus == "both":   # the books once, WikiText-2 valid --dupe-factor times
+        parts = [(train_files, f"data_train_L{args.seq_len}P{args.max_predictions}", 1),
+                 (corpus_files("wikitext")[0], f"data_train_{suffix}{dupe}", args.dupe_factor)]
+        train_files = parts[0][0] + parts[1][0]
+    else:
+        parts = [(train_files, f"data_train_{suffix}{dupe}", args.dupe_factor)]
+    train_dirs = [os.path.join(args.out, name) for _, name, _ in parts]
     eval_dir = os.path.join(args.out, f"data_eval_{suffix}")
-    train_meta = make_data(train_files, train_dir, tok, args, args.dupe_factor)
+    train_metas = [make_data(files, d, tok, args, n) for (files, _, n), d in zip(parts, train_dirs)]
     eval_meta = make_data(eval_files, eval_dir, tok, args)
-    print(f"data: {train_meta['stats']['instances']} train pairs, "
+    train_pairs = sum(m["stats"]["instances"] for m in train_metas)
+    print(f"data: {train_pairs} train pairs, "
           f"{eval_meta['stats']['instances']} held-out pairs ({time.time() - t0:.0f} s)",
           flush=True)
 
-    train = PretrainingData.from_shards(train_dir, tok)
+    if len(train_dirs) == 1:
+        train = PretrainingData.from_shards(train_dirs[0], tok)
+    else:   # each folder was masked when written: join the masked arrays
+        loaded = [load_shards(d)[0] for d in train_dirs]
+        train = PretrainingData({k: np.concatenate([a[k] for a in loaded]) for k in loaded[0]})
     eval_all, _ = load_shards(eval_dir)
     eval_arrays = {k: v[:args.eval_pairs] for k, v in eval_all.items()}
     eval_small = {k: v[:256] for k, v in eval_all.items()}
@@ -159,7 +179,7 @@ def main() -> None:
         if os.path.exists(path):
             with open(path) as f:
                 table = json.load(f)
-        table[f"{os.path.basename(train_dir)} -> {os.path.basename(eval_dir)}"] = dict(
+        table[f"{'+'.join(map(os.path.basename, train_dirs))} -> {os.path.basename(eval_dir)}"] = dict(
             base, held_out_pairs_evaluated=int(len(eval_arrays["valid_length"])),
             command=".venv/bin/python benchmarks/pretrain_small.py " + " ".join(sys.argv[1:]))
         write_json(path, table)
@@ -183,6 +203,7 @@ def main() -> None:
                        batch_size=args.batch_size, total_steps=total_steps,
                        learning_rate=args.lr, warmup_ratio=args.warmup_ratio, seed=args.seed,
                        optimizer=args.optimizer, weight_decay=args.weight_decay, bf16=args.bf16,
+                       ema_decay=args.ema_decay,
                        checkpoint_every=200, eval_every=200, log_every=20,
                        max_seconds=budget, progress=True)
     final = evaluate(model, eval_arrays, ctx=mx.cpu())
@@ -193,12 +214,13 @@ def main() -> None:
         "corpus": args.corpus,
         "train_books": [os.path.basename(b) for b in train_files],
         "held_out_books": [os.path.basename(b) for b in eval_files],
-        "data": {"train_pairs": train_meta["stats"]["instances"],
+        "data": {"train_pairs": train_pairs,
                  "held_out_pairs_evaluated": int(len(eval_arrays["valid_length"])),
                  "dupe_factor": args.dupe_factor, "max_seq_length": args.seq_len,
                  "max_predictions_per_seq": args.max_predictions},
         "hyper": {"batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
                   "optimizer": args.optimizer, "weight_decay": args.weight_decay, "seed": args.seed, "bf16": args.bf16,
+                  "ema_decay": args.ema_decay,
                   "total_steps_planned": total_steps, "minutes_budget": args.minutes},
         "steps": summary["steps"], "stopped": summary["stopped"],
         "train_seconds": round(summary["train_seconds"], 1),
