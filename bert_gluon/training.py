@@ -205,7 +205,7 @@ def optimizer_step(trainer: gluon.Trainer, max_grad_norm: Optional[float] = 1.0,
     return norm
 
 
-# --- mixed precision (GPU only) ----------------------------------------------------------
+# --- mixed precision: fp16 AMP on GPU, bfloat16 dense layers on CPU -----------------------
 _AMP = {"on": False}
 
 
@@ -258,7 +258,7 @@ def backward(loss: mx.nd.NDArray, trainer: Optional[gluon.Trainer] = None) -> No
         loss.backward()
 
 
-# --- reproducibility and resuming -------------------------------------------------------
+# --- weight averaging -------------------------------------------------------------------
 class WeightAverage:
     """Exponential moving average of a model's trainable parameters (Polyak averaging),
     the weights that evaluation and the final checkpoint use when it is on.
@@ -317,6 +317,7 @@ class WeightAverage:
         self.updates = int(updates)
 
 
+# --- reproducibility and resuming -------------------------------------------------------
 def get_rng_state() -> Dict[str, Any]:
     """Python and NumPy RNG states (MXNet's cannot be read back; reseed it per epoch)."""
     return {"python": random.getstate(), "numpy": np.random.get_state()}
