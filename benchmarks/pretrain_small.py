@@ -164,11 +164,11 @@ def main() -> None:
           f"{eval_meta['stats']['instances']} held-out pairs ({time.time() - t0:.0f} s)",
           flush=True)
 
-    if len(train_dirs) == 1:
-        train = PretrainingData.from_shards(train_dirs[0], tok)
-    else:   # each folder was masked when written: join the masked arrays
-        loaded = [load_shards(d)[0] for d in train_dirs]
-        train = PretrainingData({k: np.concatenate([a[k] for a in loaded]) for k in loaded[0]})
+    folders = [PretrainingData.from_shards(d, tok) for d in train_dirs]   # checks the vocab
+    train = folders[0]
+    if len(folders) > 1:   # --corpus both: each folder was masked when written; join them
+        train = PretrainingData({k: np.concatenate([f.arrays[k] for f in folders])
+                                 for k in train.arrays}, train.masking)
     eval_all, _ = load_shards(eval_dir)
     eval_arrays = {k: v[:args.eval_pairs] for k, v in eval_all.items()}
     eval_small = {k: v[:256] for k, v in eval_all.items()}
